@@ -1,0 +1,53 @@
+// Prometheus text exposition format (version 0.0.4): a writer for the metrics we serve and a
+// parser for the metrics we scrape from engines.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace omni::prom {
+
+using Labels = std::vector<std::pair<std::string, std::string>>;
+
+class TextWriter {
+ public:
+  // Starts a metric family: writes its # HELP and # TYPE lines (type: counter, gauge,
+  // histogram, summary or untyped).
+  void family(std::string_view name, std::string_view type, std::string_view help);
+  // One sample line; label values are escaped.
+  void sample(std::string_view name, const Labels& labels, double value);
+  // A whole histogram from cumulative-by-construction bucket counts: `upper_bounds` excludes
+  // +Inf, `counts[i]` is the number of observations <= upper_bounds[i] (non-cumulative input
+  // is accepted: counts are per bucket and summed here), `overflow` counts those above all
+  // bounds.
+  void histogram(std::string_view name, const Labels& labels,
+                 const std::vector<double>& upper_bounds,
+                 const std::vector<std::uint64_t>& bucket_counts, std::uint64_t overflow,
+                 double sum);
+  const std::string& str() const noexcept { return out_; }
+  std::string take() noexcept { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+struct Sample {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  double value = 0.0;
+};
+
+// Parses exposition text. Comment lines are skipped; a malformed line is skipped and counted
+// in `malformed` when given. Values accept NaN, +Inf and -Inf.
+std::vector<Sample> parse_text(std::string_view text, std::size_t* malformed = nullptr);
+
+// The value of the first sample named `name` whose labels include every pair in `match`.
+std::optional<double> find_value(const std::vector<Sample>& samples, std::string_view name,
+                                 const std::map<std::string, std::string>& match = {});
+
+}  // namespace omni::prom

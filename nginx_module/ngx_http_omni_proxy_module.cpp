@@ -1,0 +1,257 @@
+// ngx_http_omni_proxy_module: nginx glue for the omni-proxy core library.
+//
+// Conventions (see docs/architecture.md): every entry point nginx calls is noexcept and turns
+// any C++ exception into a logged NGX_ERROR; directives are validated when nginx parses them;
+// the shared zone keeps nginx's slab-pool header intact so the master can recover its mutex.
+#include "ngx.hpp"
+
+#include <omni/version.hpp>
+
+#include <cstdio>
+#include <exception>
+#include <string>
+
+namespace {
+
+// Bounds of omni_proxy_zone's SIZE, documented in docs/directives.md.
+constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
+constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
+constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
+constexpr uint32_t kZoneLayoutVersion = 1;
+
+// Lives in the shared zone, after nginx's slab-pool header. Fixed-width, trivially copyable.
+struct ZoneHeader {
+  uint64_t magic;
+  uint32_t layout_version;
+  uint32_t reserved;
+  uint64_t created_msec;     // when this zone was first initialised
+  uint64_t generation;       // bumped on every reload that reuses the zone
+};
+
+struct MainConf {
+  ngx_shm_zone_t* zone;      // null when omni_proxy_zone is absent
+};
+
+struct LocConf {
+  ngx_flag_t status;         // omni_proxy_status
+};
+
+char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_status(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+void* create_main_conf(ngx_conf_t* cf) noexcept;
+void* create_loc_conf(ngx_conf_t* cf) noexcept;
+char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept;
+
+ngx_command_t commands[] = {
+    {ngx_string("omni_proxy_zone"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2, set_zone,
+     NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    ngx_null_command,
+};
+
+ngx_http_module_t module_ctx = {
+    nullptr,           // preconfiguration
+    nullptr,           // postconfiguration
+    create_main_conf,  // create main configuration
+    nullptr,           // init main configuration
+    nullptr,           // create server configuration
+    nullptr,           // merge server configuration
+    create_loc_conf,   // create location configuration
+    merge_loc_conf,    // merge location configuration
+};
+
+}  // namespace
+
+extern "C" {
+// Referenced by name from the generated ngx_http_omni_proxy_module_modules.c.
+ngx_module_t ngx_http_omni_proxy_module = {
+    NGX_MODULE_V1,
+    &module_ctx,
+    commands,
+    NGX_HTTP_MODULE,
+    nullptr,  // init master
+    nullptr,  // init module
+    nullptr,  // init process
+    nullptr,  // init thread
+    nullptr,  // exit thread
+    nullptr,  // exit process
+    nullptr,  // exit master
+    NGX_MODULE_V1_PADDING};
+}
+
+namespace {
+
+void log_exception(ngx_log_t* log, const char* where) noexcept {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    ngx_log_error(NGX_LOG_ALERT, log, 0, "omni_proxy: %s failed: %s", where, e.what());
+  } catch (...) {
+    ngx_log_error(NGX_LOG_ALERT, log, 0, "omni_proxy: %s failed: unknown exception", where);
+  }
+}
+
+void* create_main_conf(ngx_conf_t* cf) noexcept {
+  auto* mcf = static_cast<MainConf*>(ngx_pcalloc(cf->pool, sizeof(MainConf)));
+  return mcf;  // null on allocation failure, which nginx reports
+}
+
+void* create_loc_conf(ngx_conf_t* cf) noexcept {
+  auto* lcf = static_cast<LocConf*>(ngx_pcalloc(cf->pool, sizeof(LocConf)));
+  if (lcf == nullptr) return nullptr;
+  lcf->status = NGX_CONF_UNSET;
+  return lcf;
+}
+
+char* merge_loc_conf(ngx_conf_t*, void* parent, void* child) noexcept {
+  auto* prev = static_cast<LocConf*>(parent);
+  auto* conf = static_cast<LocConf*>(child);
+  ngx_conf_merge_value(conf->status, prev->status, 0);
+  return NGX_CONF_OK;
+}
+
+// init_zone follows ngx_http_limit_req_module: reuse the old zone's data across a reload, adopt
+// an existing mapping, or lay out a fresh zone.
+ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
+  auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(shm_zone->shm.addr);
+  if (data != nullptr) {  // reload with an unchanged name, tag and size
+    auto* hdr = static_cast<ZoneHeader*>(data);
+    if (hdr->magic != kZoneMagic || hdr->layout_version != kZoneLayoutVersion) {
+      ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                    "omni_proxy_zone \"%V\" holds an incompatible layout; restart nginx",
+                    &shm_zone->shm.name);
+      return NGX_ERROR;
+    }
+    hdr->generation++;
+    shm_zone->data = hdr;
+    return NGX_OK;
+  }
+  if (shm_zone->shm.exists) {  // Windows: the zone survived in another process
+    shm_zone->data = shpool->data;
+    return NGX_OK;
+  }
+  auto* hdr = static_cast<ZoneHeader*>(ngx_slab_calloc(shpool, sizeof(ZoneHeader)));
+  if (hdr == nullptr) return NGX_ERROR;
+  hdr->magic = kZoneMagic;
+  hdr->layout_version = kZoneLayoutVersion;
+  hdr->created_msec = static_cast<uint64_t>(ngx_current_msec);
+  hdr->generation = 0;
+  shpool->data = hdr;
+  shm_zone->data = hdr;
+
+  static const char kCtx[] = " in omni_proxy_zone \"";
+  size_t len = sizeof(kCtx) + shm_zone->shm.name.len + 1;
+  shpool->log_ctx = static_cast<u_char*>(ngx_slab_alloc(shpool, len));
+  if (shpool->log_ctx == nullptr) return NGX_ERROR;
+  ngx_sprintf(shpool->log_ctx, " in omni_proxy_zone \"%V\"%Z", &shm_zone->shm.name);
+  return NGX_OK;
+} catch (...) {
+  log_exception(shm_zone->shm.log, "init_zone");
+  return NGX_ERROR;
+}
+
+char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
+  auto* mcf = static_cast<MainConf*>(conf);
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  if (mcf->zone != nullptr) return const_cast<char*>("is duplicate");
+
+  ngx_str_t name = value[1];
+  if (name.len == 0) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": zone name must not be empty", &cmd->name);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  ssize_t size = ngx_parse_size(&value[2]);
+  if (size == NGX_ERROR) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": invalid zone size \"%V\"", &cmd->name,
+                       &value[2]);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  if (static_cast<size_t>(size) < kZoneMinPages * ngx_pagesize ||
+      static_cast<size_t>(size) > kZoneMaxSize) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"%V\": zone \"%V\" size %V is out of range; it must be between %uzk "
+                       "and %uzm",
+                       &cmd->name, &name, &value[2], kZoneMinPages * ngx_pagesize / 1024,
+                       kZoneMaxSize >> 20);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  mcf->zone = ngx_shared_memory_add(cf, &name, static_cast<size_t>(size),
+                                    &ngx_http_omni_proxy_module);
+  if (mcf->zone == nullptr) return static_cast<char*>(NGX_CONF_ERROR);
+  if (mcf->zone->data != nullptr) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": zone \"%V\" is already used", &cmd->name,
+                       &name);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  mcf->zone->init = init_zone;
+  mcf->zone->data = mcf;  // placeholder until init_zone runs, marks the zone as taken
+  return NGX_CONF_OK;
+} catch (...) {
+  log_exception(cf->log, "omni_proxy_zone");
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+// omni_proxy_status: a JSON snapshot of the module's state.
+ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
+  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
+  ngx_int_t rc = ngx_http_discard_request_body(r);
+  if (rc != NGX_OK) return rc;
+
+  auto* mcf = static_cast<MainConf*>(
+      ngx_http_get_module_main_conf(r, ngx_http_omni_proxy_module));
+  std::string body = "{\"version\":\"";
+  body += omni::kVersion;
+  body += "\",\"pid\":" + std::to_string(ngx_pid);
+  if (mcf->zone != nullptr && mcf->zone->shm.addr != nullptr) {
+    auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf->zone->shm.addr);
+    auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
+    size_t free_pages = 0;
+    ngx_shmtx_lock(&shpool->mutex);
+    free_pages = shpool->pfree;
+    ngx_shmtx_unlock(&shpool->mutex);
+    body += ",\"zone\":{\"name\":\"" +
+            std::string(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
+                        mcf->zone->shm.name.len) +
+            "\",\"size\":" + std::to_string(mcf->zone->shm.size) +
+            ",\"free_bytes\":" + std::to_string(free_pages * ngx_pagesize) +
+            ",\"generation\":" + std::to_string(hdr->generation) + "}";
+  } else {
+    body += ",\"zone\":null";
+  }
+  body += "}\n";
+
+  r->headers_out.status = NGX_HTTP_OK;
+  r->headers_out.content_length_n = static_cast<off_t>(body.size());
+  ngx_str_set(&r->headers_out.content_type, "application/json");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  rc = ngx_http_send_header(r);
+  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
+
+  auto* buf = ngx_create_temp_buf(r->pool, body.size());
+  if (buf == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  buf->last = ngx_cpymem(buf->pos, body.data(), body.size());
+  buf->last_buf = (r == r->main) ? 1 : 0;
+  buf->last_in_chain = 1;
+  ngx_chain_t out{buf, nullptr};
+  return ngx_http_output_filter(r, &out);
+} catch (...) {
+  log_exception(r->connection->log, "omni_proxy_status");
+  return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+char* set_status(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
+  auto* lcf = static_cast<LocConf*>(conf);
+  if (lcf->status != NGX_CONF_UNSET) return const_cast<char*>("is duplicate");
+  lcf->status = 1;
+  auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
+      ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+  clcf->handler = status_handler;
+  (void)cmd;
+  return NGX_CONF_OK;
+} catch (...) {
+  log_exception(cf->log, "omni_proxy_status");
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+}  // namespace

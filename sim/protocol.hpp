@@ -1,0 +1,124 @@
+// The simulated engines' HTTP protocol: request parsing and validation, response bodies and
+// error bodies, in the shapes vLLM and SGLang use.
+//
+// vLLM  (OpenAI server): POST /v1/completions, /v1/chat/completions. Errors are
+//        {"error": {"message", "type", "param", "code"}}; body validation failures are 400
+//        with type "Bad Request"; an unknown model is 404 NotFoundError.
+// SGLang: the same OpenAI endpoints, with flat errors
+//        {"object": "error", "message", "type", "param", "code"}, and POST /generate with
+//        `text` or `input_ids`, `sampling_params`, errors {"error": {"message"}}.
+#pragma once
+
+#include "tokenizer.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace omni::sim {
+
+enum class EngineKind { kVllm, kSglang };
+enum class Api { kCompletions, kChatCompletions, kGenerate };
+
+struct BootstrapInfo {
+  std::string host;
+  std::uint16_t port = 0;
+  std::uint64_t room = 0;
+};
+
+struct ParsedRequest {
+  Api api = Api::kCompletions;
+  std::vector<std::vector<TokenId>> prompts;  // one per batch item
+  bool batch = false;                 // the input was a list: the answer is a list too
+  std::uint32_t max_tokens = 0;
+  bool max_tokens_given = false;
+  bool stream = false;
+  bool include_usage = false;         // stream_options.include_usage
+  std::optional<nlohmann::json> kv_transfer_params;  // vLLM P/D
+  std::vector<BootstrapInfo> bootstrap;              // SGLang P/D, one per item
+  std::string rid;                    // SGLang request id
+};
+
+struct ProtocolError {
+  int status = 400;
+  std::string body;
+};
+
+class Protocol {
+ public:
+  Protocol(EngineKind kind, std::string served_model, std::uint32_t max_model_len,
+           std::uint32_t default_max_tokens);
+
+  EngineKind kind() const noexcept { return kind_; }
+  const std::string& model() const noexcept { return model_; }
+
+  // Parses and validates a request body for `api`.
+  std::variant<ParsedRequest, ProtocolError> parse(Api api, std::string_view body) const;
+
+  // An error body in this engine's shape for `api`.
+  std::string error_body(Api api, int status, std::string_view message,
+                         std::string_view type = {}, std::string_view param = {}) const;
+  ProtocolError error(Api api, int status, std::string_view message, std::string_view type = {},
+                      std::string_view param = {}) const {
+    return ProtocolError{status, error_body(api, status, message, type, param)};
+  }
+
+  // GET /v1/models.
+  std::string models_body(std::int64_t created) const;
+
+ private:
+  std::optional<ProtocolError> parse_openai(Api api, const nlohmann::json& j,
+                                            ParsedRequest& out) const;
+  std::optional<ProtocolError> parse_generate(const nlohmann::json& j, ParsedRequest& out) const;
+  std::optional<ProtocolError> parse_bootstrap(Api api, const nlohmann::json& j,
+                                               ParsedRequest& out) const;
+  std::optional<ProtocolError> check_lengths(Api api, const ParsedRequest& r) const;
+
+  EngineKind kind_;
+  std::string model_;
+  std::uint32_t max_model_len_;
+  std::uint32_t default_max_tokens_;
+  SimTokenizer tokenizer_;
+};
+
+// One generated sequence, for response bodies.
+struct ChoiceResult {
+  std::string text;
+  std::vector<TokenId> output_ids;
+  std::string finish_reason;  // "length", "stop", "abort", "error"
+  std::uint32_t prompt_tokens = 0;
+  std::uint32_t cached_tokens = 0;
+};
+
+struct ResponseMeta {
+  std::string id;       // "cmpl-...", "chatcmpl-..." or the SGLang rid
+  std::string model;
+  std::int64_t created = 0;
+  double e2e_latency_s = 0;
+};
+
+// Non-streamed OpenAI response (completions or chat), with usage and, when given,
+// kv_transfer_params (null otherwise, as vLLM sends it).
+std::string openai_response(Api api, const ResponseMeta& meta,
+                            const std::vector<ChoiceResult>& choices,
+                            const nlohmann::json* kv_transfer_params);
+// One SSE event (without the "data: " framing) of a streamed OpenAI response. For chat, a
+// `role_delta` chunk carries {"role":"assistant","content":""}.
+std::string openai_chunk(Api api, const ResponseMeta& meta, std::size_t index,
+                         std::string_view text, const char* finish_reason, bool role_delta);
+std::string openai_usage_chunk(Api api, const ResponseMeta& meta, std::uint64_t prompt_tokens,
+                               std::uint64_t completion_tokens, std::uint64_t cached_tokens);
+// SGLang /generate item: {"text", "output_ids", "meta_info"}; `finished` controls whether
+// finish_reason is null. `index` is added for batched streams.
+nlohmann::json sglang_generate_item(const ResponseMeta& meta, const ChoiceResult& c,
+                                    bool finished, std::optional<std::size_t> index);
+
+// JSON string escaping for hand-built bodies on the hot path.
+void append_json_string(std::string& out, std::string_view s);
+
+}  // namespace omni::sim
