@@ -328,6 +328,7 @@ void Instance::handle_generate(Api api, http::Request&& req,
     return res->send(err->status, "application/json", err->body);
   }
   auto job = std::make_shared<Job>();
+  jobs_.insert(job);
   job->api = api;
   job->parsed = std::move(std::get<ParsedRequest>(parsed));
   job->res = res;
@@ -469,7 +470,6 @@ void Instance::submit(const std::shared_ptr<Job>& job, std::size_t i) {
   const auto& r = job->items[i];
   std::string why = engine_->add(r, now_ms());
   if (!why.empty()) return fail_job(job, 400, why);
-  jobs_by_engine_id_[r->id] = job;
   kick();
 }
 
@@ -516,7 +516,6 @@ void Instance::on_token(const std::shared_ptr<Job>& job, std::size_t i, SeqReque
 
 void Instance::on_finish(const std::shared_ptr<Job>& job, std::size_t i, SeqRequest& r,
                          FinishReason reason, const std::string& error) {
-  jobs_by_engine_id_.erase(r.id);
   if (job->done) return;
   if (reason == FinishReason::kError) {
     fail_job(job, 500, error);
@@ -534,7 +533,7 @@ void Instance::complete_item(const std::shared_ptr<Job>& job, std::size_t i) {
   if (job->done || job->item_done[i]) return;
   job->item_done[i] = true;
   if (--job->remaining > 0) return;
-  job->done = true;
+  retire(job);
   requests_ok_++;
   const double e2e_s = (now_ms() - job->arrival_ms) / 1000.0;
   e2e_.observe(e2e_s);
@@ -601,12 +600,9 @@ void Instance::fail_job(const std::shared_ptr<Job>& job, int status, const std::
 
 // Stops every part of a job: engine sequences, outgoing calls, bootstrap rooms.
 void Instance::abort_job(const std::shared_ptr<Job>& job) {
-  job->done = true;
+  retire(job);
   for (const auto& r : job->items) {
-    if (r->id != 0) {
-      engine_->abort(r->id);
-      jobs_by_engine_id_.erase(r->id);
-    }
+    if (r->id != 0 && !r->finished) engine_->abort(r->id);
   }
   for (auto& call : job->calls) call->cancel();
   job->calls.clear();
@@ -621,6 +617,11 @@ void Instance::abort_job(const std::shared_ptr<Job>& job) {
   }
   job->rooms.clear();
   kick();  // released blocks may let waiting requests in
+}
+
+void Instance::retire(const std::shared_ptr<Job>& job) {
+  job->done = true;
+  jobs_.erase(job);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -861,7 +862,6 @@ void Instance::handle_bootstrap(http::Request&& req, const std::shared_ptr<http:
     const auto& r = job->items[room->item];
     std::string why = engine_->add(r, now_ms());
     if (!why.empty()) return fail_job(job, 400, why);
-    jobs_by_engine_id_[r->id] = job;
     kick();
     return;
   }
@@ -923,12 +923,11 @@ void Instance::crash() {
   if (side_server_) side_server_->close();
   if (bootstrap_server_) bootstrap_server_->close();
   if (publisher_) publisher_->close();
-  auto jobs = jobs_by_engine_id_;
-  for (auto& [id, job] : jobs) {
-    job->done = true;
+  auto jobs = jobs_;
+  for (const auto& job : jobs) {
+    retire(job);
     for (auto& call : job->calls) call->cancel();
   }
-  jobs_by_engine_id_.clear();
   for (auto& [name, held] : held_) {
     if (held->expiry) held->expiry->cancel();
   }

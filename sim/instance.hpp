@@ -32,6 +32,7 @@
 #include <random>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace omni::sim {
@@ -111,6 +112,7 @@ class Instance {
   void complete_item(const std::shared_ptr<Job>& job, std::size_t item);
   void fail_job(const std::shared_ptr<Job>& job, int status, const std::string& message);
   void abort_job(const std::shared_ptr<Job>& job);
+  void retire(const std::shared_ptr<Job>& job);
   void start_vllm_pull(const std::shared_ptr<Job>& job, SeqRequest& r);
   void start_sglang_join(const std::shared_ptr<Job>& job, std::size_t item, SeqRequest& r);
   void hold_for_pull(const std::shared_ptr<Job>& job, SeqRequest& r);
@@ -145,7 +147,9 @@ class Instance {
 
   std::unordered_map<std::string, std::shared_ptr<HeldKv>> held_;  // by remote_request_id
   std::map<std::uint64_t, std::shared_ptr<Room>> rooms_;            // SGLang bootstrap rooms
-  std::unordered_map<std::uint64_t, std::shared_ptr<Job>> jobs_by_engine_id_;
+  // Every job that has not answered yet. Jobs are owned here; everything else holds weak
+  // references, so a finished job is freed at once.
+  std::unordered_set<std::shared_ptr<Job>> jobs_;
 
   // Counters for /metrics beyond the engine's own.
   std::uint64_t requests_seen_ = 0;

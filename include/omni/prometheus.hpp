@@ -21,10 +21,10 @@ class TextWriter {
   void family(std::string_view name, std::string_view type, std::string_view help);
   // One sample line; label values are escaped.
   void sample(std::string_view name, const Labels& labels, double value);
-  // A whole histogram from cumulative-by-construction bucket counts: `upper_bounds` excludes
-  // +Inf, `counts[i]` is the number of observations <= upper_bounds[i] (non-cumulative input
-  // is accepted: counts are per bucket and summed here), `overflow` counts those above all
-  // bounds.
+  // A whole histogram. `upper_bounds` excludes +Inf; `bucket_counts[i]` counts the
+  // observations in (upper_bounds[i-1], upper_bounds[i]] (per bucket, not cumulative: the
+  // writer accumulates them into `le` buckets); `overflow` counts those above every bound.
+  // Throws std::invalid_argument when the two vectors differ in length.
   void histogram(std::string_view name, const Labels& labels,
                  const std::vector<double>& upper_bounds,
                  const std::vector<std::uint64_t>& bucket_counts, std::uint64_t overflow,
