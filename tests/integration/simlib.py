@@ -1,0 +1,174 @@
+"""Helpers for the integration tests: start omni-sim and nginx as real processes on loopback,
+speak HTTP to them with the standard library, and parse server-sent events.
+
+Every process is started with bounded lifetimes (--duration for omni-sim) and is stopped by the
+test that started it; ports are chosen by the kernel (port 0) and read back from omni-sim's
+ready file.
+"""
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+SIM = os.environ.get("OMNI_SIM", "")
+MODULE_SO = os.environ.get("OMNI_MODULE_SO", "")
+SOURCE_DIR = os.environ.get("OMNI_SOURCE_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+NGINX = "/usr/sbin/nginx"
+
+
+class Sim:
+    """One omni-sim process."""
+
+    def __init__(self, *args, duration=120, env=None):
+        if not SIM or not os.path.exists(SIM):
+            raise unittest.SkipTest("OMNI_SIM is not set; run through ctest")
+        self.dir = tempfile.mkdtemp(prefix="omni-sim-test-")
+        self.ready_file = os.path.join(self.dir, "ready.json")
+        self.log_path = os.path.join(self.dir, "sim.log")
+        cmd = [SIM, "--port", "0", "--ready-file", self.ready_file, "--duration", str(duration)]
+        cmd += [str(a) for a in args]
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 15
+        while not os.path.exists(self.ready_file):
+            if self.proc.poll() is not None:
+                raise RuntimeError("omni-sim exited early: " + self.output())
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("omni-sim did not become ready: " + self.output())
+            time.sleep(0.02)
+        with open(self.ready_file) as f:
+            self.info = json.load(f)
+        self.instances = self.info["instances"]
+
+    def port(self, i=0):
+        return self.instances[i]["http_port"]
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = {k.lower(): v for k, v in headers}
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def events(self):
+        """The `data:` payloads of an SSE body, in order ("[DONE]" included verbatim)."""
+        out = []
+        for block in self.body.decode("utf-8").split("\n\n"):
+            for line in block.split("\n"):
+                if line.startswith("data: "):
+                    out.append(line[len("data: "):])
+        return out
+
+    def json_events(self):
+        return [json.loads(e) for e in self.events() if e != "[DONE]"]
+
+
+def request(port, method, path, body=None, headers=None, timeout=30, conn=None):
+    """One HTTP request; `body` may be a dict (sent as JSON), str or bytes."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    try:
+        conn.request(method, path, body=body, headers=hdrs)
+        r = conn.getresponse()
+        data = r.read()
+        return Response(r.status, r.getheaders(), data)
+    finally:
+        if own:
+            conn.close()
+
+
+def post(port, path, body, **kw):
+    return request(port, "POST", path, body, **kw)
+
+
+def get(port, path, **kw):
+    return request(port, "GET", path, **kw)
+
+
+def metrics(port):
+    """Parses /metrics into {(name, frozenset(labels)): value}."""
+    text = get(port, "/metrics").body.decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        labels = frozenset()
+        if "{" in head:
+            name, rest = head.split("{", 1)
+            pairs = []
+            for part in rest.rstrip("}").split('",'):
+                if not part:
+                    continue
+                k, v = part.split("=", 1)
+                pairs.append((k, v.strip('"')))
+            labels = frozenset(pairs)
+        else:
+            name = head
+        out[(name, labels)] = float(value)
+    return out
+
+
+def metric(values, name, **labels):
+    """The sum of every sample named `name` whose labels include `labels`."""
+    want = set(labels.items())
+    found = [v for (n, l), v in values.items() if n == name and want <= set(l)]
+    if not found:
+        raise KeyError(name)
+    return sum(found)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
