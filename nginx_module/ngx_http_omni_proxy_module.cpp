@@ -163,7 +163,8 @@ char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
   }
   ssize_t size = ngx_parse_size(&value[2]);
   if (size == NGX_ERROR) {
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": invalid zone size \"%V\"", &cmd->name,
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": invalid zone size \"%V\"; use bytes with an optional k or m suffix",
+                       &cmd->name,
                        &value[2]);
     return static_cast<char*>(NGX_CONF_ERROR);
   }

@@ -1,0 +1,179 @@
+"""The module in Debian's stock /usr/sbin/nginx: `nginx -t` with the module loaded and unused
+(the reference implementation segfaulted there), with a minimal directive, a real start, a
+reload that keeps the shared zone, and config mistakes that fail `nginx -t` naming the
+directive. Any [alert], [crit] or [emerg] in error.log fails the test."""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import unittest
+
+from simlib import MODULE_SO, NGINX, free_port, get, wait_until
+
+BAD_LEVELS = re.compile(r"\[(alert|crit|emerg)\]")
+
+
+class Nginx:
+    def __init__(self, body, port=None):
+        if not MODULE_SO or not os.path.exists(MODULE_SO):
+            raise unittest.SkipTest("OMNI_MODULE_SO is not set; run through ctest")
+        self.dir = tempfile.mkdtemp(prefix="omni-nginx-test-")
+        self.port = port or free_port()
+        for sub in ("logs", "tmp"):
+            os.makedirs(os.path.join(self.dir, sub))
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        self.error_log = os.path.join(self.dir, "logs", "error.log")
+        with open(self.conf, "w") as f:
+            f.write(self.render(body))
+
+    def render(self, body):
+        return """
+load_module {so};
+error_log {dir}/logs/error.log info;
+pid {dir}/nginx.pid;
+worker_processes 2;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+{body}
+}}
+""".format(so=MODULE_SO, dir=self.dir, body=body.replace("PORT", str(self.port)))
+
+    def run(self, *args):
+        return subprocess.run([NGINX, "-p", self.dir, "-c", self.conf] + list(args),
+                              capture_output=True, text=True, timeout=30)
+
+    def errors(self):
+        if not os.path.exists(self.error_log):
+            return []
+        with open(self.error_log) as f:
+            return [line for line in f if BAD_LEVELS.search(line)]
+
+    def cleanup(self):
+        pid_file = os.path.join(self.dir, "nginx.pid")
+        # `nginx -t` leaves an empty pid file; only a running nginx writes its pid.
+        if os.path.exists(pid_file) and os.path.getsize(pid_file) > 0:
+            self.run("-s", "quit")
+            wait_until(lambda: not os.path.exists(pid_file), 10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+UNUSED = "    server { listen 127.0.0.1:PORT; location / { return 204; } }"
+MINIMAL = """
+    omni_proxy_zone omni 4m;
+    server {
+        listen 127.0.0.1:PORT;
+        location /omni/status { omni_proxy_status; }
+    }
+"""
+
+
+class NginxModuleTest(unittest.TestCase):
+    def check_config(self, body):
+        n = Nginx(body)
+        try:
+            r = n.run("-t")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("test is successful", r.stderr)
+            self.assertEqual(n.errors(), [])
+            self.assertNotRegex(r.stderr, BAD_LEVELS)
+        finally:
+            n.cleanup()
+
+    def test_config_test_with_module_loaded_and_unused(self):
+        self.check_config(UNUSED)
+
+    def test_config_test_with_minimal_directive(self):
+        self.check_config(MINIMAL)
+
+    def test_serves_status_and_keeps_zone_across_reload(self):
+        n = Nginx(MINIMAL)
+        try:
+            r = n.run()
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertTrue(wait_until(lambda: self._status(n.port) is not None, 10))
+            first = self._status(n.port)
+            self.assertEqual(first["zone"]["name"], "omni")
+            self.assertEqual(first["zone"]["size"], 4 * 1024 * 1024)
+            self.assertGreater(first["zone"]["free_bytes"], 0)
+            self.assertEqual(first["zone"]["generation"], 0)
+            self.assertEqual(n.run("-s", "reload").returncode, 0)
+            self.assertTrue(wait_until(
+                lambda: (self._status(n.port) or {}).get("zone", {}).get("generation") == 1, 10))
+            self.assertEqual(get(n.port, "/omni/status", headers={}).headers["content-type"],
+                             "application/json")
+            from simlib import request
+            self.assertEqual(request(n.port, "POST", "/omni/status", "{}").status, 405)
+            self.assertEqual(n.errors(), [])
+        finally:
+            n.cleanup()
+        self.assertEqual(n.errors(), [])
+
+    @staticmethod
+    def _status(port):
+        try:
+            r = get(port, "/omni/status", timeout=2)
+            return r.json() if r.status == 200 else None
+        except OSError:
+            return None
+
+    def test_config_mistakes_fail_and_name_the_directive(self):
+        cases = [
+            ("    omni_proxy_zone omni 1k;\n" + UNUSED, "omni_proxy_zone", "out of range"),
+            ("    omni_proxy_zone omni 2048m;\n" + UNUSED, "omni_proxy_zone", "out of range"),
+            ("    omni_proxy_zone omni lots;\n" + UNUSED, "omni_proxy_zone", "invalid zone size"),
+            ("    omni_proxy_zone omni 1m;\n    omni_proxy_zone other 1m;\n" + UNUSED,
+             "omni_proxy_zone", "is duplicate"),
+            ("    omni_proxy_zone omni;\n" + UNUSED, "omni_proxy_zone", "invalid number of arguments"),
+            ("    server { listen 127.0.0.1:PORT; location / { omni_proxy_status on; } }",
+             "omni_proxy_status", "invalid number of arguments"),
+            ("    server { listen 127.0.0.1:PORT; omni_proxy_status; }",
+             "omni_proxy_status", "not allowed here"),
+        ]
+        for body, directive, message in cases:
+            with self.subTest(directive=directive, message=message):
+                n = Nginx(body)
+                try:
+                    r = n.run("-t")
+                    self.assertNotEqual(r.returncode, 0)
+                    self.assertIn(directive, r.stderr)
+                    self.assertIn(message, r.stderr)
+                    self.assertIn("[emerg]", r.stderr)
+                    self.assertNotIn("[alert]", r.stderr)
+                    self.assertNotIn("[crit]", r.stderr)
+                finally:
+                    n.cleanup()
+
+    def test_example_configs_pass_config_test(self):
+        conf_dir = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+        confs = sorted(f for f in os.listdir(conf_dir) if f.endswith(".conf"))
+        self.assertTrue(confs)
+        for name in confs:
+            with self.subTest(conf=name):
+                with open(os.path.join(conf_dir, name)) as f:
+                    text = f.read()
+                # Example configs name the module by its installed path; point it at the build.
+                text = re.sub(r"load_module\s+[^;]+;", "load_module %s;" % MODULE_SO, text)
+                d = tempfile.mkdtemp(prefix="omni-conf-")
+                try:
+                    path = os.path.join(d, name)
+                    with open(path, "w") as f:
+                        f.write(text)
+                    r = subprocess.run([NGINX, "-t", "-p", d, "-c", path, "-g",
+                                        "error_log %s/error.log; pid %s/nginx.pid;" % (d, d)],
+                                       capture_output=True, text=True, timeout=30)
+                    self.assertEqual(r.returncode, 0, r.stderr)
+                    self.assertNotRegex(r.stderr, BAD_LEVELS)
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
