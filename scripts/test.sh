@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Command 2 of README.md (and what .ci/run runs): sets up, builds, and runs every test.
+#  1. the main build (warnings are errors) and its whole ctest suite: unit tests, and
+#     integration tests that run omni-sim, Debian's /usr/sbin/nginx with our module, node;
+#  2. the same unit and omni-sim integration tests again under AddressSanitizer and
+#     UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+jobs=2
+
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOMNI_WERROR=ON
+cmake --build build -j"$jobs"
+ctest --test-dir build -j"$jobs" --output-on-failure
+
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DOMNI_WERROR=ON -DOMNI_SANITIZE=ON \
+  -DOMNI_BUILD_MODULE=OFF -DOMNI_BUILD_BENCH=OFF
+cmake --build build-asan -j"$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  ctest --test-dir build-asan -j"$jobs" --output-on-failure -E 'demo|node'
