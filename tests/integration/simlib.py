@@ -63,8 +63,14 @@ class Sim:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        out = self.output()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        # Under the sanitizer build, a report anywhere in the run fails the test.
+        if "Sanitizer" in out or "runtime error:" in out:
+            raise AssertionError("omni-sim reported a sanitizer error:\n" + out[-4000:])
+        if self.proc.returncode not in (0, -signal.SIGTERM):
+            raise AssertionError("omni-sim exited with %s:\n%s" % (self.proc.returncode, out[-4000:]))
 
     def __enter__(self):
         return self
