@@ -32,6 +32,15 @@ std::uint32_t BlockPool::match_prefix(std::span<const BlockKey> keys) const {
   return n;
 }
 
+std::uint32_t BlockPool::num_evictable(std::span<const BlockKey> keys) const {
+  std::uint32_t n = 0;
+  for (const auto& k : keys) {
+    auto it = cached_.find(k.key);
+    if (it != cached_.end() && ref_[it->second] == 0) ++n;
+  }
+  return n;
+}
+
 void BlockPool::acquire_cached(std::span<const BlockKey> keys, std::uint32_t n,
                                std::vector<std::uint32_t>& out) {
   for (std::uint32_t i = 0; i < n; ++i) {

@@ -43,6 +43,9 @@ class BlockPool {
 
   // How many leading blocks of `keys` are cached.
   std::uint32_t match_prefix(std::span<const BlockKey> keys) const;
+  // How many of the (cached) blocks of `keys` no request references: acquiring them takes
+  // them off the free count, so an admission must count them against num_free().
+  std::uint32_t num_evictable(std::span<const BlockKey> keys) const;
   // Takes a reference on each of the first `n` cached blocks of `keys` (n <= match_prefix)
   // and appends their ids to `out`.
   void acquire_cached(std::span<const BlockKey> keys, std::uint32_t n,

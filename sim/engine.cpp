@@ -99,11 +99,12 @@ void Engine::release_blocks(SeqRequest& r) {
 }
 
 void Engine::account(const SeqRequest& r, std::uint32_t n, StepWork& work) const {
-  if (r.num_computed >= r.num_prompt_tokens) {
+  if (r.num_computed >= r.num_prompt_tokens && n == 1) {
     work.decode_seqs += 1;
     work.decode_kv_tokens += r.num_computed;
   } else {
-    // Prompt tokens (and, after a preemption, recomputed output tokens) in this chunk.
+    // Prompt tokens (and, after a preemption, recomputed output tokens, which can start past
+    // the prompt when the cached prefix covers it) in this chunk.
     work.prefill_tokens += n;
     work.attention_pairs += attention_pairs(r.num_computed, n);
   }
@@ -115,11 +116,14 @@ bool Engine::admit(const RequestPtr& rp, std::uint32_t& budget, StepWork& work, 
   const std::uint32_t hit_blocks = cached_prefix_blocks(r);
   const std::uint32_t hit_tokens = hit_blocks * bs;
   const auto n_tokens = static_cast<std::uint32_t>(r.tokens.size());
+  // Hit blocks no one references are counted in num_free(); acquiring them uses them up.
+  const std::uint32_t evictable_hits =
+      pool_.num_evictable(std::span<const BlockKey>(r.block_keys.data(), hit_blocks));
 
   if (r.remote_kv_load && !r.admitted_once) {
     // The whole prompt's blocks are allocated up front; the remote part is then loaded.
     const std::uint32_t total_blocks = blocks_for(n_tokens);
-    if (total_blocks - hit_blocks > pool_.num_free()) return false;
+    if (total_blocks - hit_blocks + evictable_hits > pool_.num_free()) return false;
     pool_.acquire_cached(std::span<const BlockKey>(r.block_keys.data(), hit_blocks), hit_blocks,
                          r.blocks);
     pool_.allocate(total_blocks - hit_blocks, r.blocks);
@@ -143,7 +147,7 @@ bool Engine::admit(const RequestPtr& rp, std::uint32_t& budget, StepWork& work, 
 
   const std::uint32_t n = std::min(n_tokens - hit_tokens, budget);
   const std::uint32_t need = blocks_for(hit_tokens + n) - hit_blocks;
-  if (need > pool_.num_free()) return false;
+  if (need + evictable_hits > pool_.num_free()) return false;
   pool_.acquire_cached(std::span<const BlockKey>(r.block_keys.data(), hit_blocks), hit_blocks,
                        r.blocks);
   pool_.allocate(need, r.blocks);
@@ -321,11 +325,11 @@ std::uint64_t Engine::waiting_uncached_tokens() const {
   std::uint64_t total = 0;
   for (const auto& r : waiting_) {
     const std::uint64_t n = r->tokens.size();
-    std::uint32_t hit = 0;
-    if (!r->block_keys.empty()) {
-      hit = pool_.match_prefix(std::span<const BlockKey>(r->block_keys.data(),
-                                                         r->block_keys.size()));
-    }
+    // As at admission: the last token is always computed.
+    const std::size_t usable = std::min<std::size_t>(r->block_keys.size(),
+                                                     (n - 1) / profile_.block_size);
+    const std::uint32_t hit =
+        pool_.match_prefix(std::span<const BlockKey>(r->block_keys.data(), usable));
     total += n - std::min<std::uint64_t>(n, std::uint64_t{hit} * profile_.block_size);
   }
   return total;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <ctime>
 #include <optional>
 
@@ -194,7 +195,17 @@ class Session : public std::enable_shared_from_this<Session> {
     current_ = std::make_shared<Responder>(weak_from_this());
     watch_disconnect();
     auto responder = current_;
-    server_.impl_->handler(std::move(req), responder);
+    try {
+      server_.impl_->handler(std::move(req), responder);
+    } catch (const std::exception& e) {
+      // A handler bug must not take the process down; the client gets a 500.
+      std::fprintf(stderr, "omni-sim: request handler failed: %s\n", e.what());
+      if (responder->open()) {
+        responder->send(500, "application/json",
+                        "{\"error\":{\"message\":\"internal error\",\"type\":"
+                        "\"InternalServerError\",\"param\":null,\"code\":500}}");
+      }
+    }
   }
 
   void reply_error(int status, std::string body) {

@@ -239,6 +239,22 @@ void Instance::run_step() {
 // ---------------------------------------------------------------------------------------------
 
 void Instance::handle(http::Request&& req, const std::shared_ptr<http::Responder>& res) {
+  // Nothing a request does may take the process down: any exception becomes a 500.
+  try {
+    route(std::move(req), res);
+  } catch (const std::exception& e) {
+    requests_error_++;
+    std::fprintf(stderr, "omni-sim: instance %d: internal error: %s\n", cfg_.index, e.what());
+    if (res->open()) {
+      res->send(500, "application/json",
+                protocol_.error_body(Api::kCompletions, 500,
+                                     std::string("internal error: ") + e.what(),
+                                     "InternalServerError"));
+    }
+  }
+}
+
+void Instance::route(http::Request&& req, const std::shared_ptr<http::Responder>& res) {
   const std::string path = req.path();
   const bool get = req.method == "GET" || req.method == "HEAD";
   const bool post = req.method == "POST";
@@ -384,8 +400,11 @@ void Instance::handle_generate(Api api, http::Request&& req,
       r->max_output_tokens = p.max_tokens;
       r->reason_at_limit = FinishReason::kLength;
     } else {
-      // No max_tokens: the sequence ends as if the model emitted EOS after a random length.
-      r->max_output_tokens = 1 + static_cast<std::uint32_t>(rng_() % cfg_.default_max_tokens);
+      // No max_tokens: the sequence ends as if the model emitted EOS after a random length,
+      // within what the context leaves.
+      const auto room = cfg_.profile.max_model_len - static_cast<std::uint32_t>(r->tokens.size());
+      r->max_output_tokens = std::min<std::uint32_t>(
+          room, 1 + static_cast<std::uint32_t>(rng_() % cfg_.default_max_tokens));
       r->reason_at_limit = FinishReason::kStop;
     }
     r->hold_blocks_after_finish = remote_decode || job->sglang_prefill;

@@ -101,6 +101,7 @@ class Instance {
   struct HeldKv;
 
   void handle(http::Request&& req, const std::shared_ptr<http::Responder>& res);
+  void route(http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void handle_generate(Api api, http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void handle_side(http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void handle_bootstrap(http::Request&& req, const std::shared_ptr<http::Responder>& res);

@@ -74,11 +74,14 @@ bool as_token_ids(const json& j, std::vector<TokenId>& out, std::string& why) {
 std::optional<ProtocolError> Protocol::check_lengths(Api api, const ParsedRequest& r) const {
   for (const auto& p : r.prompts) {
     if (p.empty()) return error(api, 400, "The prompt cannot be empty.", "BadRequestError");
-    const std::uint64_t total = p.size() + std::uint64_t{r.max_tokens};
+    // Without max_tokens, vLLM fills the context: only the prompt itself must fit.
+    const std::uint64_t out_tokens =
+        r.max_tokens_given || api == Api::kGenerate ? r.max_tokens : 1;
+    const std::uint64_t total = p.size() + out_tokens;
     if (p.size() >= max_model_len_ || total > max_model_len_) {
       const std::string msg =
           "This model's maximum context length is " + std::to_string(max_model_len_) +
-          " tokens. However, you requested " + std::to_string(r.max_tokens) +
+          " tokens. However, you requested " + std::to_string(out_tokens) +
           " output tokens and your prompt contains at least " + std::to_string(p.size()) +
           " input tokens, for a total of at least " + std::to_string(total) +
           " tokens. Please reduce the length of the input prompt or the number of requested "
@@ -189,7 +192,13 @@ std::optional<ProtocolError> Protocol::parse_openai(Api api, const json& j,
     if (!so.is_object()) {
       return invalid("Input should be a valid dictionary", "body.stream_options");
     }
-    out.include_usage = so.value("include_usage", false);
+    // (json::value() would throw on a non-boolean, out of the request handler.)
+    if (so.contains("include_usage") && !so["include_usage"].is_null()) {
+      if (!so["include_usage"].is_boolean()) {
+        return invalid("Input should be a valid boolean", "body.stream_options.include_usage");
+      }
+      out.include_usage = so["include_usage"].get<bool>();
+    }
   }
   if (j.contains("min_tokens") && j["min_tokens"].is_number_integer() &&
       j["min_tokens"].get<std::int64_t>() > static_cast<std::int64_t>(out.max_tokens)) {
@@ -301,7 +310,10 @@ std::optional<ProtocolError> Protocol::parse_bootstrap(Api api, const json& j,
                    out.batch ? "bootstrap fields must be lists with one entry per batch item"
                              : "bootstrap fields must be scalars for a single request");
     }
-    if (!room->is_number_unsigned() && !(room->is_number_integer() && room->get<std::int64_t>() >= 0)) {
+    const bool room_ok = room->is_number_unsigned()
+                             ? room->get<std::uint64_t>() <= static_cast<std::uint64_t>(INT64_MAX)
+                             : room->is_number_integer() && room->get<std::int64_t>() >= 0;
+    if (!room_ok) {
       return error(api, 400, "bootstrap_room must be an integer in [0, 2^63-1]");
     }
     if (!host->is_string() || !port->is_number_integer() || port->get<std::int64_t>() <= 0 ||

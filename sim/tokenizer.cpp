@@ -87,8 +87,9 @@ std::string content_text(const nlohmann::json& content) {
   if (content.is_array()) {
     std::string text;
     for (const auto& part : content) {
-      if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
-          !part["text"].is_string()) {
+      // (Not part.value("type", ""): it throws json::type_error on a non-string type.)
+      if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+          !part.contains("text") || !part["text"].is_string()) {
         throw std::invalid_argument(
             "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported");
       }
