@@ -172,9 +172,25 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     return False
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def free_port(count=1):
+    """The first of `count` consecutive ports that are free right now."""
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+        s.close()
+        if base + count > 65535:
+            continue
+        held = []
+        try:
+            for p in range(base, base + count):
+                t = socket.socket()
+                t.bind(("127.0.0.1", p))
+                held.append(t)
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise RuntimeError("no block of %d free ports" % count)

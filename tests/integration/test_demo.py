@@ -15,7 +15,7 @@ class DemoTest(unittest.TestCase):
         if not build_dir:
             raise unittest.SkipTest("OMNI_BINARY_DIR is not set; run through ctest")
         env = dict(os.environ, OMNI_BUILD_DIR=build_dir, OMNI_DEMO_SECONDS="0",
-                   OMNI_DEMO_PREFILL_PORT=str(free_port()), OMNI_DEMO_DECODE_PORT=str(free_port()))
+                   OMNI_DEMO_PREFILL_PORT=str(free_port(2)), OMNI_DEMO_DECODE_PORT=str(free_port(2)))
         r = subprocess.run(["bash", os.path.join(SOURCE_DIR, "scripts", "demo.sh"), "--no-setup",
                             "--no-build"], env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
