@@ -119,11 +119,13 @@ Instance::Instance(asio::io_context& io, zmq::context_t* zmq_ctx, InstanceConfig
   e2e_.counts.assign(kE2eBuckets.size(), 0);
   itl_.bounds = kItlBuckets;
   itl_.counts.assign(kItlBuckets.size(), 0);
-  if (cfg_.engine_id.empty()) {
+  {
+    // Ids are unique across processes and runs; they never draw from the seeded RNG, so ids
+    // do not perturb the model's reproducible sequence.
     std::random_device rd;
-    std::mt19937_64 idrng((static_cast<std::uint64_t>(rd()) << 32) ^ rd());
-    cfg_.engine_id = random_hex(idrng, 16);
+    id_rng_.seed((static_cast<std::uint64_t>(rd()) << 32) ^ rd());
   }
+  if (cfg_.engine_id.empty()) cfg_.engine_id = random_hex(id_rng_, 16);
 
   Engine::Hooks hooks;
   hooks.sample = [this](SeqRequest&) { return sample(); };
@@ -353,9 +355,9 @@ void Instance::handle_generate(Api api, http::Request&& req,
   const ParsedRequest& p = job->parsed;
 
   std::string base = req.header("x-request-id");
-  if (base.empty()) base = random_hex(rng_, 16);
+  if (base.empty()) base = random_hex(id_rng_, 16);
   if (api == Api::kGenerate) {
-    job->meta.id = p.rid.empty() ? random_hex(rng_, 16) : p.rid;
+    job->meta.id = p.rid.empty() ? random_hex(id_rng_, 16) : p.rid;
   } else {
     job->meta.id = (api == Api::kCompletions ? "cmpl-" : "chatcmpl-") + base;
   }

@@ -143,7 +143,8 @@ class Instance {
   bool step_in_flight_ = false;
   bool kick_posted_ = false;
   bool crashed_ = false;
-  std::mt19937_64 rng_;
+  std::mt19937_64 rng_;     // seeded: sampling, faults, output lengths
+  std::mt19937_64 id_rng_;  // request and engine ids
   std::chrono::steady_clock::time_point start_;
 
   std::unordered_map<std::string, std::shared_ptr<HeldKv>> held_;  // by remote_request_id
