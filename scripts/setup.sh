@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev
   libpcre2-dev libutf8proc-dev
   wrk nghttp2-client
+  prometheus
   python3 python3-zmq python3-msgpack
 )
 # Node.js: the machine image may ship its own build (which bundles npm and conflicts with
@@ -34,9 +35,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The nginx package enables and starts a default server on port 80; the project never uses it.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-  $SUDO systemctl stop nginx || true
+# The nginx and prometheus packages enable services the project never uses (it only needs
+# their binaries: /usr/sbin/nginx, and promtool to validate metrics).
+if command -v systemctl >/dev/null 2>&1; then
+  for svc in nginx prometheus; do
+    if systemctl is-active --quiet "$svc" 2>/dev/null; then $SUDO systemctl stop "$svc" || true; fi
+  done
 fi
 
 # npm packages, pinned by the committed package-lock.json.

@@ -975,19 +975,19 @@ std::string Instance::metrics_text() const {
     w.sample("vllm:num_requests_waiting", base, static_cast<double>(engine_->num_waiting()));
     w.family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.");
     w.sample("vllm:kv_cache_usage_perc", base, pool.usage());
-    w.family("vllm:prefix_cache_queries", "counter",
+    w.family("vllm:prefix_cache_queries_total", "counter",
              "Prefix cache queries, in terms of number of queried tokens.");
     w.sample("vllm:prefix_cache_queries_total", base, static_cast<double>(s.prefix_cache_queries));
-    w.family("vllm:prefix_cache_hits", "counter",
+    w.family("vllm:prefix_cache_hits_total", "counter",
              "Prefix cache hits, in terms of number of cached tokens.");
     w.sample("vllm:prefix_cache_hits_total", base, static_cast<double>(s.prefix_cache_hits));
-    w.family("vllm:num_preemptions", "counter", "Cumulative number of preemption from the engine.");
+    w.family("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.");
     w.sample("vllm:num_preemptions_total", base, static_cast<double>(s.preemptions));
-    w.family("vllm:prompt_tokens", "counter", "Number of prefill tokens processed.");
+    w.family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.");
     w.sample("vllm:prompt_tokens_total", base, static_cast<double>(s.prompt_tokens));
-    w.family("vllm:generation_tokens", "counter", "Number of generation tokens processed.");
+    w.family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.");
     w.sample("vllm:generation_tokens_total", base, static_cast<double>(s.generation_tokens));
-    w.family("vllm:request_success", "counter", "Count of successfully processed requests.");
+    w.family("vllm:request_success_total", "counter", "Count of successfully processed requests.");
     w.sample("vllm:request_success_total", base, static_cast<double>(requests_ok_));
     w.family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig");
     w.sample("vllm:cache_config_info",

@@ -1,5 +1,8 @@
 """The metrics routers poll, with the engines' own names, and their consistency with what was
-served; preemption under KV pressure."""
+served; preemption under KV pressure; the exposition checked by Prometheus's own parser
+(promtool, from Debian's prometheus package)."""
+import shutil
+import subprocess
 import threading
 import unittest
 
@@ -63,6 +66,31 @@ class VllmMetricsTest(unittest.TestCase):
             m = metrics(s.port())
             self.assertGreater(metric(m, "vllm:num_preemptions_total"), 0)
             self.assertEqual(metric(m, "vllm:kv_cache_usage_perc"), 0)
+
+
+def promtool_problems(text):
+    """Runs `promtool check metrics`; returns its problem lines. A parse error fails."""
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode not in (0, 3):  # 3: lint problems, 1: the text does not parse
+        raise AssertionError("promtool rejected the exposition: " + r.stdout + r.stderr)
+    return [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+
+
+class PromtoolTest(unittest.TestCase):
+    def test_exposition_parses_with_promtool(self):
+        if shutil.which("promtool") is None:
+            self.fail("promtool is missing: scripts/setup.sh installs Debian's prometheus")
+        for engine, path, body in (
+                ("vllm", "/v1/completions", {"prompt": "x", "max_tokens": 3}),
+                ("sglang", "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 3}})):
+            with self.subTest(engine=engine), Sim("--engine", engine, "--kv-events") as s:
+                self.assertEqual(post(s.port(), path, body).status, 200)
+                problems = promtool_problems(get(s.port(), "/metrics").body.decode())
+                # The engines' own names use ':' (vLLM's and SGLang's convention), which
+                # promtool's linter flags; anything else is a real problem.
+                self.assertEqual([p for p in problems
+                                  if not p.endswith("metric names should not contain ':'")], [])
 
 
 class SglangMetricsTest(unittest.TestCase):
