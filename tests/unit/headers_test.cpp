@@ -1,6 +1,7 @@
 // Every public header of the core compiles on its own and together with all the others, so two
 // headers can never define the same name differently.
 #include <omni/block_hash.hpp>
+#include <omni/engine_metrics.hpp>
 #include <omni/kv_events.hpp>
 #include <omni/lifecycle.hpp>
 #include <omni/openai_error.hpp>
