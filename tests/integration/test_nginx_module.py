@@ -23,6 +23,9 @@ class Nginx:
         self.port = port or free_port()
         for sub in ("logs", "tmp"):
             os.makedirs(os.path.join(self.dir, sub))
+        # Workers run as an unprivileged user when nginx starts as root.
+        os.chmod(self.dir, 0o755)
+        os.chmod(os.path.join(self.dir, "tmp"), 0o777)
         self.conf = os.path.join(self.dir, "nginx.conf")
         self.error_log = os.path.join(self.dir, "logs", "error.log")
         with open(self.conf, "w") as f:

@@ -1,0 +1,683 @@
+// The request path of omni_proxy locations.
+//
+// Every leg to an engine is an nginx upstream request (keepalive, timeouts, retries through the
+// upstream block's balancer, as nginx users expect), sent and parsed by the callbacks below.
+//  - aggregated: the client request itself runs one leg to the location's pool;
+//  - sequential (vLLM P/D): an in-memory subrequest runs the prefill leg (the client body with
+//    kv_transfer_params.do_remote_decode, max_tokens 1, stream false); when it completes, the
+//    client request runs the decode leg (the client body plus the kv_transfer_params the
+//    prefill returned), whose answer streams to the client unbuffered.
+// Request bodies are parsed and rewritten structurally by the core (omni/request_body.hpp).
+// Errors nginx generates for these requests (a failed or timed-out leg, a body over the limit)
+// are rewritten into OpenAI-style JSON by a header and body filter.
+#include "omni_module.hpp"
+
+#include <omni/openai_error.hpp>
+#include <omni/request_body.hpp>
+
+#include <cstdio>
+#include <exception>
+#include <new>
+#include <string>
+
+namespace omni::ngx {
+namespace {
+
+enum class Leg { kNone, kPrefill, kDecode };
+
+// State of one client request, shared by its legs. Owned by the client request's pool.
+struct State {
+  omni::Api api = omni::Api::kCompletions;
+  std::string client_body;
+  std::optional<omni::ParsedBody> parsed;
+  std::string request_id;
+  std::string prefill_body;
+  std::string decode_body;
+  // The prefill leg's outcome.
+  bool prefill_done = false;
+  ngx_int_t prefill_rc = NGX_OK;
+  ngx_uint_t prefill_status = 0;
+  std::string prefill_response;
+};
+
+// Per nginx request (the client request, or a leg subrequest).
+struct Ctx {
+  State* state = nullptr;
+  Leg leg = Leg::kNone;
+  const std::string* body = nullptr;  // what this leg sends; owned by State
+  ngx_http_status_t status{};
+  ngx_http_chunked_t chunked{};
+  // An nginx-generated error page being replaced with OpenAI-style JSON (pool memory).
+  ngx_str_t json_error{};
+  bool json_error_sent = false;
+};
+
+Ctx* get_ctx(ngx_http_request_t* r) {
+  return static_cast<Ctx*>(ngx_http_get_module_ctx(r, ngx_http_omni_proxy_module));
+}
+
+void log_exception(ngx_http_request_t* r, const char* where) noexcept {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0, "omni_proxy: %s failed: %s", where,
+                  e.what());
+  } catch (...) {
+    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0, "omni_proxy: %s failed", where);
+  }
+}
+
+void destroy_state(void* data) noexcept { delete static_cast<State*>(data); }
+
+// Sends `body` as a complete JSON response; returns what the output filter returned.
+ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, const std::string& body) {
+  r->headers_out.status = status;
+  r->headers_out.content_length_n = static_cast<off_t>(body.size());
+  ngx_str_set(&r->headers_out.content_type, "application/json");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  r->headers_out.content_type_lowcase = nullptr;
+  ngx_int_t rc = ngx_http_send_header(r);
+  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
+  auto* b = ngx_create_temp_buf(r->pool, body.size() + 1);
+  if (b == nullptr) return NGX_ERROR;
+  b->last = ngx_cpymem(b->pos, body.data(), body.size());
+  b->last_buf = (r == r->main) ? 1 : 0;
+  b->last_in_chain = 1;
+  ngx_chain_t out{b, nullptr};
+  return ngx_http_output_filter(r, &out);
+}
+
+ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
+                     const std::string& param = {}) {
+  return send_json(r, status, omni::openai_error_body(static_cast<int>(status), message, {},
+                                                      param));
+}
+
+// The whole client body as one string, from memory buffers or nginx's temporary file.
+bool collect_body(ngx_http_request_t* r, std::string& out) {
+  if (r->request_body == nullptr) return true;
+  for (ngx_chain_t* cl = r->request_body->bufs; cl != nullptr; cl = cl->next) {
+    ngx_buf_t* b = cl->buf;
+    if (b->in_file) {
+      const auto len = static_cast<size_t>(b->file_last - b->file_pos);
+      const size_t at = out.size();
+      out.resize(at + len);
+      ssize_t n = ngx_read_file(b->file, reinterpret_cast<u_char*>(&out[at]), len, b->file_pos);
+      if (n != static_cast<ssize_t>(len)) return false;
+    } else {
+      out.append(reinterpret_cast<const char*>(b->pos), static_cast<size_t>(b->last - b->pos));
+    }
+  }
+  return true;
+}
+
+std::string header_value(ngx_http_request_t* r, std::string_view name) {
+  ngx_list_part_t* part = &r->headers_in.headers.part;
+  auto* h = static_cast<ngx_table_elt_t*>(part->elts);
+  for (ngx_uint_t i = 0;; ++i) {
+    if (i >= part->nelts) {
+      if (part->next == nullptr) break;
+      part = part->next;
+      h = static_cast<ngx_table_elt_t*>(part->elts);
+      i = 0;
+    }
+    if (h[i].hash != 0 && h[i].key.len == name.size() &&
+        ngx_strncasecmp(h[i].key.data, reinterpret_cast<u_char*>(const_cast<char*>(name.data())),
+                        name.size()) == 0) {
+      return std::string(reinterpret_cast<const char*>(h[i].value.data), h[i].value.len);
+    }
+  }
+  return {};
+}
+
+// X-Request-Id: the client's when it is sane, otherwise 32 random hex digits. Both legs carry
+// the same one, as vLLM's P/D connectors expect.
+std::string request_id(ngx_http_request_t* r) {
+  std::string id = header_value(r, "X-Request-Id");
+  bool ok = !id.empty() && id.size() <= 128;
+  for (char c : id) ok = ok && c > 0x20 && c < 0x7f;
+  if (ok) return id;
+  static const char* hex = "0123456789abcdef";
+  id.clear();
+  for (int i = 0; i < 8; ++i) {
+    const auto v = static_cast<unsigned>(ngx_random());
+    for (int k = 0; k < 4; ++k) id.push_back(hex[(v >> (4 * k)) & 0xf]);
+  }
+  return id;
+}
+
+bool acceptable_content_type(ngx_http_request_t* r) {
+  if (r->headers_in.content_type == nullptr) return true;
+  std::string t(reinterpret_cast<const char*>(r->headers_in.content_type->value.data),
+                r->headers_in.content_type->value.len);
+  for (auto& c : t) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  t = t.substr(0, t.find(';'));
+  while (!t.empty() && t.back() == ' ') t.pop_back();
+  // curl -d sends application/x-www-form-urlencoded; it is tolerated, the body must be JSON.
+  return t == "application/json" || t.ends_with("+json") || t == "application/x-www-form-urlencoded";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream callbacks: HTTP/1.1 to a vLLM or SGLang server.
+// ---------------------------------------------------------------------------------------------
+
+ngx_int_t create_request(ngx_http_request_t* r) noexcept try {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || ctx->body == nullptr) return NGX_ERROR;
+  ngx_http_upstream_t* u = r->upstream;
+  const std::string& body = *ctx->body;
+  std::string head = "POST ";
+  head.append(reinterpret_cast<const char*>(r->uri.data), r->uri.len);
+  if (r->args.len > 0) {
+    head.push_back('?');
+    head.append(reinterpret_cast<const char*>(r->args.data), r->args.len);
+  }
+  head += " HTTP/1.1\r\nHost: ";
+  const ngx_str_t& host = u->conf->upstream->host;
+  head.append(reinterpret_cast<const char*>(host.data), host.len);
+  head += "\r\nContent-Type: application/json\r\nAccept: */*\r\nContent-Length: ";
+  head += std::to_string(body.size());
+  head += "\r\nX-Request-Id: " + ctx->state->request_id + "\r\n";
+  const std::string auth = header_value(r, "Authorization");
+  if (!auth.empty()) head += "Authorization: " + auth + "\r\n";
+  head += "\r\n";
+
+  auto* hb = ngx_create_temp_buf(r->pool, head.size());
+  if (hb == nullptr) return NGX_ERROR;
+  hb->last = ngx_cpymem(hb->pos, head.data(), head.size());
+  auto* bb = static_cast<ngx_buf_t*>(ngx_calloc_buf(r->pool));
+  if (bb == nullptr) return NGX_ERROR;
+  bb->pos = reinterpret_cast<u_char*>(const_cast<char*>(body.data()));
+  bb->last = bb->pos + body.size();
+  bb->memory = 1;
+  ngx_chain_t* cl = ngx_alloc_chain_link(r->pool);
+  ngx_chain_t* cl2 = ngx_alloc_chain_link(r->pool);
+  if (cl == nullptr || cl2 == nullptr) return NGX_ERROR;
+  cl->buf = hb;
+  cl->next = cl2;
+  cl2->buf = bb;
+  cl2->next = nullptr;
+  u->request_bufs = cl;
+  return NGX_OK;
+} catch (...) {
+  log_exception(r, "create_request");
+  return NGX_ERROR;
+}
+
+ngx_int_t process_status_line(ngx_http_request_t* r) noexcept;
+
+ngx_int_t reinit_request(ngx_http_request_t* r) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr) return NGX_OK;
+  ctx->status = {};
+  ctx->chunked = {};
+  r->upstream->process_header = process_status_line;
+  r->state = 0;
+  return NGX_OK;
+}
+
+ngx_int_t process_header(ngx_http_request_t* r) noexcept {
+  ngx_http_upstream_t* u = r->upstream;
+  auto* umcf = static_cast<ngx_http_upstream_main_conf_t*>(
+      ngx_http_get_module_main_conf(r, ngx_http_upstream_module));
+  for (;;) {
+    ngx_int_t rc = ngx_http_parse_header_line(r, &u->buffer, 1);
+    if (rc == NGX_OK) {
+      auto* h = static_cast<ngx_table_elt_t*>(ngx_list_push(&u->headers_in.headers));
+      if (h == nullptr) return NGX_ERROR;
+      h->hash = r->header_hash;
+      h->key.len = static_cast<size_t>(r->header_name_end - r->header_name_start);
+      h->value.len = static_cast<size_t>(r->header_end - r->header_start);
+      h->key.data = static_cast<u_char*>(
+          ngx_pnalloc(r->pool, h->key.len + 1 + h->value.len + 1 + h->key.len));
+      if (h->key.data == nullptr) {
+        h->hash = 0;
+        return NGX_ERROR;
+      }
+      h->value.data = h->key.data + h->key.len + 1;
+      h->lowcase_key = h->key.data + h->key.len + 1 + h->value.len + 1;
+      ngx_memcpy(h->key.data, r->header_name_start, h->key.len);
+      h->key.data[h->key.len] = '\0';
+      ngx_memcpy(h->value.data, r->header_start, h->value.len);
+      h->value.data[h->value.len] = '\0';
+      if (h->key.len == r->lowcase_index) {
+        ngx_memcpy(h->lowcase_key, r->lowcase_header, h->key.len);
+      } else {
+        ngx_strlow(h->lowcase_key, h->key.data, h->key.len);
+      }
+      auto* hh = static_cast<ngx_http_upstream_header_t*>(
+          ngx_hash_find(&umcf->headers_in_hash, h->hash, h->lowcase_key, h->key.len));
+      if (hh != nullptr && hh->handler(r, h, hh->offset) != NGX_OK) return NGX_ERROR;
+      continue;
+    }
+    if (rc == NGX_HTTP_PARSE_HEADER_DONE) {
+      if (u->headers_in.chunked) u->headers_in.content_length_n = -1;
+      if (u->headers_in.status_n == NGX_HTTP_NO_CONTENT ||
+          u->headers_in.status_n == NGX_HTTP_NOT_MODIFIED ||
+          (!u->headers_in.chunked && u->headers_in.content_length_n == 0)) {
+        u->keepalive = !u->headers_in.connection_close;
+      }
+      return NGX_OK;
+    }
+    if (rc == NGX_AGAIN) return NGX_AGAIN;
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "omni_proxy: upstream sent an invalid header");
+    return NGX_HTTP_UPSTREAM_INVALID_HEADER;
+  }
+}
+
+ngx_int_t process_status_line(ngx_http_request_t* r) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr) return NGX_ERROR;
+  ngx_http_upstream_t* u = r->upstream;
+  ngx_int_t rc = ngx_http_parse_status_line(r, &u->buffer, &ctx->status);
+  if (rc == NGX_AGAIN) return rc;
+  if (rc == NGX_ERROR) {
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "omni_proxy: upstream sent no valid HTTP/1.x status line");
+    return NGX_HTTP_UPSTREAM_INVALID_HEADER;
+  }
+  if (u->state != nullptr && u->state->status == 0) u->state->status = ctx->status.code;
+  u->headers_in.status_n = ctx->status.code;
+  const auto len = static_cast<size_t>(ctx->status.end - ctx->status.start);
+  u->headers_in.status_line.len = len;
+  u->headers_in.status_line.data = static_cast<u_char*>(ngx_pnalloc(r->pool, len));
+  if (u->headers_in.status_line.data == nullptr) return NGX_ERROR;
+  ngx_memcpy(u->headers_in.status_line.data, ctx->status.start, len);
+  if (ctx->status.http_version < NGX_HTTP_VERSION_11) u->headers_in.connection_close = 1;
+  u->process_header = process_header;
+  return process_header(r);
+}
+
+// Body with a Content-Length, or until the connection closes.
+ngx_int_t copy_filter(void* data, ssize_t bytes) noexcept {
+  auto* r = static_cast<ngx_http_request_t*>(data);
+  ngx_http_upstream_t* u = r->upstream;
+  if (u->length == 0) {
+    u->keepalive = 0;
+    return NGX_OK;
+  }
+  ngx_chain_t** ll = &u->out_bufs;
+  while (*ll != nullptr) ll = &(*ll)->next;
+  ngx_chain_t* cl = ngx_chain_get_free_buf(r->pool, &u->free_bufs);
+  if (cl == nullptr) return NGX_ERROR;
+  *ll = cl;
+  cl->buf->flush = 1;
+  cl->buf->memory = 1;
+  ngx_buf_t* b = &u->buffer;
+  cl->buf->pos = b->last;
+  b->last += bytes;
+  cl->buf->last = b->last;
+  cl->buf->tag = u->output.tag;
+  if (u->length == -1) return NGX_OK;
+  if (bytes > u->length) {
+    cl->buf->last = cl->buf->pos + u->length;
+    u->length = 0;
+    u->keepalive = 0;
+    return NGX_OK;
+  }
+  u->length -= bytes;
+  if (u->length == 0) u->keepalive = !u->headers_in.connection_close;
+  return NGX_OK;
+}
+
+// A chunked body (how the engines stream): decoded here, re-chunked by nginx for the client.
+ngx_int_t chunked_filter(void* data, ssize_t bytes) noexcept {
+  auto* r = static_cast<ngx_http_request_t*>(data);
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr) return NGX_ERROR;
+  ngx_http_upstream_t* u = r->upstream;
+  ngx_buf_t* buf = &u->buffer;
+  buf->pos = buf->last;
+  buf->last += bytes;
+  ngx_chain_t** ll = &u->out_bufs;
+  while (*ll != nullptr) ll = &(*ll)->next;
+  for (;;) {
+    ngx_int_t rc = ngx_http_parse_chunked(r, buf, &ctx->chunked);
+    if (rc == NGX_OK) {
+      ngx_chain_t* cl = ngx_chain_get_free_buf(r->pool, &u->free_bufs);
+      if (cl == nullptr) return NGX_ERROR;
+      *ll = cl;
+      ll = &cl->next;
+      ngx_buf_t* b = cl->buf;
+      b->flush = 1;
+      b->memory = 1;
+      b->pos = buf->pos;
+      b->tag = u->output.tag;
+      if (buf->last - buf->pos >= ctx->chunked.size) {
+        buf->pos += static_cast<size_t>(ctx->chunked.size);
+        b->last = buf->pos;
+        ctx->chunked.size = 0;
+      } else {
+        ctx->chunked.size -= buf->last - buf->pos;
+        buf->pos = buf->last;
+        b->last = buf->last;
+      }
+      continue;
+    }
+    if (rc == NGX_DONE) {
+      u->keepalive = !u->headers_in.connection_close;
+      u->length = 0;
+      if (buf->pos != buf->last) u->keepalive = 0;
+      break;
+    }
+    if (rc == NGX_AGAIN) break;
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "omni_proxy: upstream sent an invalid chunked response");
+    return NGX_ERROR;
+  }
+  return NGX_OK;
+}
+
+ngx_int_t input_filter_init(void* data) noexcept {
+  auto* r = static_cast<ngx_http_request_t*>(data);
+  ngx_http_upstream_t* u = r->upstream;
+  if (u->headers_in.status_n == NGX_HTTP_NO_CONTENT ||
+      u->headers_in.status_n == NGX_HTTP_NOT_MODIFIED) {
+    u->length = 0;
+    u->keepalive = !u->headers_in.connection_close;
+  } else if (u->headers_in.chunked) {
+    u->input_filter = chunked_filter;
+    u->length = 1;
+  } else if (u->headers_in.content_length_n == 0) {
+    u->length = 0;
+    u->keepalive = !u->headers_in.connection_close;
+  } else {
+    u->length = u->headers_in.content_length_n;
+  }
+  return NGX_OK;
+}
+
+void abort_request(ngx_http_request_t*) noexcept {}
+void finalize_request(ngx_http_request_t*, ngx_int_t) noexcept {}
+
+// Sets up this request's leg: an upstream request to the leg's pool. The caller then starts it
+// with ngx_http_upstream_init().
+ngx_int_t prepare_leg(ngx_http_request_t* r, Ctx* ctx) {
+  auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
+  if (ngx_http_upstream_create(r) != NGX_OK) return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  ngx_http_upstream_t* u = r->upstream;
+  u->conf = ctx->leg == Leg::kPrefill ? &lcf->prefill : &lcf->decode;
+  ngx_str_set(&u->schema, "http://");
+  u->output.tag = reinterpret_cast<ngx_buf_tag_t>(&ngx_http_omni_proxy_module);
+  u->create_request = create_request;
+  u->reinit_request = reinit_request;
+  u->process_header = process_status_line;
+  u->abort_request = abort_request;
+  u->finalize_request = finalize_request;
+  u->input_filter_init = input_filter_init;
+  u->input_filter = copy_filter;
+  u->input_filter_ctx = r;
+  u->buffering = 0;  // stream as the engine produces, no proxy buffering
+  r->state = 0;
+  return NGX_OK;
+}
+
+// Sets up and starts the leg of a request whose body is already read. The upstream request then
+// owns the request's last reference and finalizes it.
+void start_leg(ngx_http_request_t* r, Ctx* ctx) {
+  ngx_int_t rc = prepare_leg(r, ctx);
+  if (rc != NGX_OK) {
+    ngx_http_finalize_request(r, rc);
+    return;
+  }
+  ngx_http_upstream_init(r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequential P/D
+// ---------------------------------------------------------------------------------------------
+
+ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcept {
+  auto* state = static_cast<State*>(data);
+  state->prefill_done = true;
+  state->prefill_rc = rc;
+  state->prefill_status =
+      sr->upstream != nullptr ? sr->upstream->headers_in.status_n : sr->headers_out.status;
+  if (sr->out != nullptr && sr->out->buf != nullptr) {
+    ngx_buf_t* b = sr->out->buf;
+    try {
+      state->prefill_response.assign(reinterpret_cast<const char*>(b->pos),
+                                     static_cast<size_t>(b->last - b->pos));
+    } catch (...) {
+      state->prefill_rc = NGX_ERROR;
+    }
+  }
+  return rc;
+}
+
+// The client request's write handler while the prefill subrequest runs: continues with the
+// decode leg once the prefill finished.
+void after_prefill(ngx_http_request_t* r) noexcept try {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || !ctx->state->prefill_done) return;
+  r->write_event_handler = ngx_http_request_empty_handler;
+  State& st = *ctx->state;
+  if (st.prefill_rc != NGX_OK || st.prefill_status != NGX_HTTP_OK) {
+    std::string why = "the prefill leg failed";
+    if (st.prefill_status != 0) why += " with HTTP " + std::to_string(st.prefill_status);
+    auto body = nlohmann::json::parse(st.prefill_response, nullptr, false);
+    if (body.is_object() && body.contains("error") && body["error"].is_object() &&
+        body["error"].contains("message") && body["error"]["message"].is_string()) {
+      why += ": " + body["error"]["message"].get<std::string>();
+    }
+    // A client error the engine reported stays a client error.
+    const ngx_uint_t status =
+        st.prefill_status >= 400 && st.prefill_status < 500 ? st.prefill_status
+                                                            : NGX_HTTP_BAD_GATEWAY;
+    ngx_http_finalize_request(r, send_error(r, status, why));
+    return;
+  }
+  auto kv = omni::extract_kv_transfer_params(st.prefill_response);
+  if (!kv.ok()) {
+    ngx_http_finalize_request(
+        r, send_error(r, NGX_HTTP_BAD_GATEWAY, "the prefill leg answered: " + kv.error().message));
+    return;
+  }
+  st.decode_body = omni::vllm_decode_body(*st.parsed, kv->has_value() ? &**kv : nullptr);
+  ctx->leg = Leg::kDecode;
+  ctx->body = &st.decode_body;
+  start_leg(r, ctx);
+} catch (...) {
+  log_exception(r, "after_prefill");
+  ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client request
+// ---------------------------------------------------------------------------------------------
+
+void body_ready(ngx_http_request_t* r) noexcept try {
+  Ctx* ctx = get_ctx(r);
+  auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
+  State& st = *ctx->state;
+  if (!collect_body(r, st.client_body)) {
+    ngx_http_finalize_request(r, send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                            "could not read the request body"));
+    return;
+  }
+  omni::ParseOptions options;
+  options.max_body_bytes = lcf->max_body_size;
+  auto parsed = omni::parse_request_body(st.api, st.client_body, options);
+  if (!parsed.ok()) {
+    ngx_http_finalize_request(r, send_json(r, static_cast<ngx_uint_t>(parsed.error().status),
+                                           parsed.error().to_json()));
+    return;
+  }
+  st.parsed.emplace(std::move(*parsed));
+  st.request_id = request_id(r);
+
+  if (lcf->mode == kModeAggregated) {
+    ctx->leg = Leg::kDecode;
+    ctx->body = &st.client_body;  // forwarded as the client sent it
+    start_leg(r, ctx);
+    return;
+  }
+
+  // Sequential: the prefill leg first.
+  st.prefill_body = omni::vllm_prefill_body(*st.parsed);
+  auto* ps = static_cast<ngx_http_post_subrequest_t*>(
+      ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t)));
+  if (ps == nullptr) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  ps->handler = prefill_done;
+  ps->data = &st;
+  ngx_http_request_t* sr = nullptr;
+  if (ngx_http_subrequest(r, &r->uri, &r->args, &sr, ps,
+                          NGX_HTTP_SUBREQUEST_IN_MEMORY | NGX_HTTP_SUBREQUEST_CLONE) != NGX_OK) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  auto* sctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+  if (sctx == nullptr) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  sctx->state = &st;
+  sctx->leg = Leg::kPrefill;
+  sctx->body = &st.prefill_body;
+  ngx_http_set_ctx(sr, sctx, ngx_http_omni_proxy_module);
+  r->write_event_handler = after_prefill;
+} catch (...) {
+  log_exception(r, "body_ready");
+  ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+std::optional<omni::Api> api_for(const ngx_str_t& uri) {
+  std::string_view path(reinterpret_cast<const char*>(uri.data), uri.len);
+  for (omni::Api api : {omni::Api::kChatCompletions, omni::Api::kCompletions, omni::Api::kGenerate}) {
+    std::string_view want = omni::api_path(api);
+    if (path.size() >= want.size() && path.substr(path.size() - want.size()) == want) return api;
+  }
+  return std::nullopt;
+}
+
+// nginx's own error pages for our requests become OpenAI-style JSON.
+ngx_http_output_header_filter_pt next_header_filter;
+ngx_http_output_body_filter_pt next_body_filter;
+
+ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
+  // Requests of omni_proxy locations, whether or not our handler ran yet: nginx checks some
+  // limits (client_max_body_size) before any content handler.
+  auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
+  if (lcf == nullptr || !lcf->enable || r != r->main || r->err_status < 400) {
+    return next_header_filter(r);
+  }
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr) {
+    ctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+    if (ctx == nullptr) return NGX_ERROR;
+    ngx_http_set_ctx(r, ctx, ngx_http_omni_proxy_module);
+  }
+  const auto status = static_cast<int>(r->err_status);
+  std::string message;
+  switch (status) {
+    case NGX_HTTP_BAD_GATEWAY: message = "the engine could not be reached or failed"; break;
+    case NGX_HTTP_GATEWAY_TIME_OUT: message = "the engine did not answer in time"; break;
+    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE: message = "the request body is too large"; break;
+    default: message = "the request failed with HTTP " + std::to_string(status); break;
+  }
+  const std::string body = omni::openai_error_body(status, message);
+  ctx->json_error.data = static_cast<u_char*>(ngx_pnalloc(r->pool, body.size()));
+  if (ctx->json_error.data == nullptr) return NGX_ERROR;
+  ngx_memcpy(ctx->json_error.data, body.data(), body.size());
+  ctx->json_error.len = body.size();
+  r->headers_out.content_length_n = static_cast<off_t>(body.size());
+  if (r->headers_out.content_length != nullptr) {
+    r->headers_out.content_length->hash = 0;
+    r->headers_out.content_length = nullptr;
+  }
+  ngx_str_set(&r->headers_out.content_type, "application/json");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  r->headers_out.content_type_lowcase = nullptr;
+  return next_header_filter(r);
+} catch (...) {
+  log_exception(r, "header_filter");
+  return NGX_ERROR;
+}
+
+ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || r != r->main || ctx->json_error.len == 0) return next_body_filter(r, in);
+  for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) cl->buf->pos = cl->buf->last;
+  if (ctx->json_error_sent) return NGX_OK;
+  ctx->json_error_sent = true;
+  auto* b = static_cast<ngx_buf_t*>(ngx_calloc_buf(r->pool));
+  if (b == nullptr) return NGX_ERROR;
+  b->pos = ctx->json_error.data;
+  b->last = ctx->json_error.data + ctx->json_error.len;
+  b->memory = 1;
+  b->last_buf = 1;
+  ngx_chain_t out{b, nullptr};
+  return next_body_filter(r, &out);
+}
+
+}  // namespace
+
+ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
+  if (r != r->main) {
+    // One of our leg subrequests (cloned from the client request).
+    Ctx* ctx = get_ctx(r);
+    if (ctx == nullptr || ctx->leg == Leg::kNone) return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    ngx_int_t rc = prepare_leg(r, ctx);
+    if (rc != NGX_OK) return rc;
+    // As proxy_pass does: the body is the parent's, already read; this starts the upstream and
+    // balances the request's reference count.
+    rc = ngx_http_read_client_request_body(r, ngx_http_upstream_init);
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) return rc;
+    return NGX_DONE;
+  }
+  auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
+  auto* cln = ngx_pool_cleanup_add(r->pool, 0);
+  auto* ctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+  if (cln == nullptr || ctx == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  ctx->state = new State();
+  cln->handler = destroy_state;
+  cln->data = ctx->state;
+  ngx_http_set_ctx(r, ctx, ngx_http_omni_proxy_module);
+
+  auto api = api_for(r->uri);
+  if (!api) {
+    return send_error(r, NGX_HTTP_NOT_FOUND,
+                      "omni_proxy serves /v1/completions, /v1/chat/completions and /generate");
+  }
+  if (lcf->mode == kModeSequential && *api == omni::Api::kGenerate) {
+    return send_error(r, NGX_HTTP_NOT_FOUND,
+                      "sequential P/D serves /v1/completions and /v1/chat/completions");
+  }
+  ctx->state->api = *api;
+  if (r->method != NGX_HTTP_POST) {
+    ngx_int_t rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) return rc;
+    return send_error(r, NGX_HTTP_NOT_ALLOWED, "only POST is allowed here");
+  }
+  if (!acceptable_content_type(r)) {
+    ngx_int_t rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) return rc;
+    return send_error(r, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE, "the body must be application/json");
+  }
+  if (r->headers_in.content_length_n > static_cast<off_t>(lcf->max_body_size)) {
+    ngx_int_t rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) return rc;
+    return send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                      "the request body is larger than " + std::to_string(lcf->max_body_size) +
+                          " bytes");
+  }
+  ngx_int_t rc = ngx_http_read_client_request_body(r, body_ready);
+  if (rc >= NGX_HTTP_SPECIAL_RESPONSE) return rc;
+  return NGX_DONE;
+} catch (...) {
+  log_exception(r, "omni_proxy");
+  return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+ngx_int_t install_filters() noexcept {
+  next_header_filter = ngx_http_top_header_filter;
+  ngx_http_top_header_filter = header_filter;
+  next_body_filter = ngx_http_top_body_filter;
+  ngx_http_top_body_filter = body_filter;
+  return NGX_OK;
+}
+
+}  // namespace omni::ngx
