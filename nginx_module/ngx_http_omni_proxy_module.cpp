@@ -115,7 +115,7 @@ ngx_module_t ngx_http_omni_proxy_module = {
     NGX_MODULE_V1_PADDING};
 }
 
-namespace {
+namespace omni::ngx {
 
 void log_exception(ngx_log_t* log, const char* where) noexcept {
   try {
@@ -126,6 +126,12 @@ void log_exception(ngx_log_t* log, const char* where) noexcept {
     ngx_log_error(NGX_LOG_ALERT, log, 0, "omni_proxy: %s failed: unknown exception", where);
   }
 }
+
+}  // namespace omni::ngx
+
+namespace {
+
+using omni::ngx::log_exception;
 
 void* create_main_conf(ngx_conf_t* cf) noexcept {
   auto* mcf = static_cast<MainConf*>(ngx_pcalloc(cf->pool, sizeof(MainConf)));
@@ -393,20 +399,7 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
   }
   body += "}\n";
 
-  r->headers_out.status = NGX_HTTP_OK;
-  r->headers_out.content_length_n = static_cast<off_t>(body.size());
-  ngx_str_set(&r->headers_out.content_type, "application/json");
-  r->headers_out.content_type_len = r->headers_out.content_type.len;
-  rc = ngx_http_send_header(r);
-  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
-
-  auto* buf = ngx_create_temp_buf(r->pool, body.size());
-  if (buf == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
-  buf->last = ngx_cpymem(buf->pos, body.data(), body.size());
-  buf->last_buf = (r == r->main) ? 1 : 0;
-  buf->last_in_chain = 1;
-  ngx_chain_t out{buf, nullptr};
-  return ngx_http_output_filter(r, &out);
+  return omni::ngx::send_json(r, NGX_HTTP_OK, body);
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_status");
   return NGX_HTTP_INTERNAL_SERVER_ERROR;

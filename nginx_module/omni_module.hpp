@@ -3,6 +3,8 @@
 
 #include "ngx.hpp"
 
+#include <string_view>
+
 extern "C" {
 extern ngx_module_t ngx_http_omni_proxy_module;
 }
@@ -30,6 +32,12 @@ struct LocConf {
   ngx_msec_t prefill_timeout;           // omni_proxy_prefill_timeout
   ngx_msec_t decode_timeout;            // omni_proxy_decode_timeout
 };
+
+// Logs the exception being handled (call only inside a catch block) as an [alert].
+void log_exception(ngx_log_t* log, const char* where) noexcept;
+// Sends `body` as a complete application/json response with `status`; returns what the
+// output filter returned (proxy_handler.cpp).
+ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view body);
 
 // The content handler of omni_proxy locations (proxy_handler.cpp).
 ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept;

@@ -56,36 +56,7 @@ Ctx* get_ctx(ngx_http_request_t* r) {
   return static_cast<Ctx*>(ngx_http_get_module_ctx(r, ngx_http_omni_proxy_module));
 }
 
-void log_exception(ngx_http_request_t* r, const char* where) noexcept {
-  try {
-    throw;
-  } catch (const std::exception& e) {
-    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0, "omni_proxy: %s failed: %s", where,
-                  e.what());
-  } catch (...) {
-    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0, "omni_proxy: %s failed", where);
-  }
-}
-
 void destroy_state(void* data) noexcept { delete static_cast<State*>(data); }
-
-// Sends `body` as a complete JSON response; returns what the output filter returned.
-ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, const std::string& body) {
-  r->headers_out.status = status;
-  r->headers_out.content_length_n = static_cast<off_t>(body.size());
-  ngx_str_set(&r->headers_out.content_type, "application/json");
-  r->headers_out.content_type_len = r->headers_out.content_type.len;
-  r->headers_out.content_type_lowcase = nullptr;
-  ngx_int_t rc = ngx_http_send_header(r);
-  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
-  auto* b = ngx_create_temp_buf(r->pool, body.size() + 1);
-  if (b == nullptr) return NGX_ERROR;
-  b->last = ngx_cpymem(b->pos, body.data(), body.size());
-  b->last_buf = (r == r->main) ? 1 : 0;
-  b->last_in_chain = 1;
-  ngx_chain_t out{b, nullptr};
-  return ngx_http_output_filter(r, &out);
-}
 
 ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
                      const std::string& param = {}) {
@@ -200,7 +171,7 @@ ngx_int_t create_request(ngx_http_request_t* r) noexcept try {
   u->request_bufs = cl;
   return NGX_OK;
 } catch (...) {
-  log_exception(r, "create_request");
+  log_exception(r->connection->log, "create_request");
   return NGX_ERROR;
 }
 
@@ -478,7 +449,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   ctx->body = &st.decode_body;
   start_leg(r, ctx);
 } catch (...) {
-  log_exception(r, "after_prefill");
+  log_exception(r->connection->log, "after_prefill");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
 }
 
@@ -540,7 +511,7 @@ void body_ready(ngx_http_request_t* r) noexcept try {
   ngx_http_set_ctx(sr, sctx, ngx_http_omni_proxy_module);
   r->write_event_handler = after_prefill;
 } catch (...) {
-  log_exception(r, "body_ready");
+  log_exception(r->connection->log, "body_ready");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
 }
 
@@ -593,7 +564,7 @@ ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   r->headers_out.content_type_lowcase = nullptr;
   return next_header_filter(r);
 } catch (...) {
-  log_exception(r, "header_filter");
+  log_exception(r->connection->log, "header_filter");
   return NGX_ERROR;
 }
 
@@ -668,8 +639,25 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
   if (rc >= NGX_HTTP_SPECIAL_RESPONSE) return rc;
   return NGX_DONE;
 } catch (...) {
-  log_exception(r, "omni_proxy");
+  log_exception(r->connection->log, "omni_proxy");
   return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view body) {
+  r->headers_out.status = status;
+  r->headers_out.content_length_n = static_cast<off_t>(body.size());
+  ngx_str_set(&r->headers_out.content_type, "application/json");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  r->headers_out.content_type_lowcase = nullptr;
+  ngx_int_t rc = ngx_http_send_header(r);
+  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
+  auto* b = ngx_create_temp_buf(r->pool, body.size() + 1);
+  if (b == nullptr) return NGX_ERROR;
+  b->last = ngx_cpymem(b->pos, body.data(), body.size());
+  b->last_buf = (r == r->main) ? 1 : 0;
+  b->last_in_chain = 1;
+  ngx_chain_t out{b, nullptr};
+  return ngx_http_output_filter(r, &out);
 }
 
 ngx_int_t install_filters() noexcept {

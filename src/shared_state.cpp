@@ -929,24 +929,28 @@ std::optional<std::uint16_t> SharedState::find_backend(std::string_view name) co
   return std::nullopt;
 }
 
-std::int64_t SharedState::backend_outstanding(std::uint16_t backend) const noexcept {
-  if (backend >= backend_count_) return 0;
-  const GaugeCell* row = cells_ + std::size_t{backend} * max_owners_;
+namespace {
+// A per-backend gauge: the sum of one GaugeCell field over every owner row.
+std::int64_t sum_cells(const GaugeCell* row, std::uint32_t owners,
+                       std::atomic<std::int32_t> GaugeCell::*field) noexcept {
   std::int64_t n = 0;
-  for (std::uint32_t o = 0; o < max_owners_; ++o) {
-    n += row[o].outstanding.load(std::memory_order_relaxed);
+  for (std::uint32_t o = 0; o < owners; ++o) {
+    n += (row[o].*field).load(std::memory_order_relaxed);
   }
   return clamp_gauge(n);
+}
+}  // namespace
+
+std::int64_t SharedState::backend_outstanding(std::uint16_t backend) const noexcept {
+  if (backend >= backend_count_) return 0;
+  return sum_cells(cells_ + std::size_t{backend} * max_owners_, max_owners_,
+                   &GaugeCell::outstanding);
 }
 
 std::int64_t SharedState::backend_active_streams(std::uint16_t backend) const noexcept {
   if (backend >= backend_count_) return 0;
-  const GaugeCell* row = cells_ + std::size_t{backend} * max_owners_;
-  std::int64_t n = 0;
-  for (std::uint32_t o = 0; o < max_owners_; ++o) {
-    n += row[o].streams.load(std::memory_order_relaxed);
-  }
-  return clamp_gauge(n);
+  return sum_cells(cells_ + std::size_t{backend} * max_owners_, max_owners_,
+                   &GaugeCell::streams);
 }
 
 std::optional<BackendStats> SharedState::backend_stats(std::uint16_t backend) const {
