@@ -6,6 +6,9 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -20,7 +23,7 @@ namespace omni {
 namespace shm_detail {
 
 constexpr std::uint64_t kMagic = 0x314D48534D4E4D4FULL;  // "OMNMSHM1" little-endian
-constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::uint32_t kLayoutVersion = 2;
 constexpr std::size_t kLine = 64;
 
 // Histogram bounds in nanoseconds (rendered in seconds). Changing them changes the layout
@@ -117,12 +120,40 @@ struct GaugeCell {
   std::atomic<std::int32_t> streams;
 };
 
+// Identity and counters of one backend, then the engine load its poller last wrote. The load
+// fields have one writer at a time (the polling worker); each is an independent atomic, so a
+// reader may combine two polls' values for a moment, which a scorer tolerates.
 struct alignas(kLine) BackendBlock {
   char name[SharedState::kMaxBackendName + 1];
   char pool[SharedState::kMaxPoolName + 1];
   std::atomic<std::uint64_t> requests_total;
   std::atomic<std::uint64_t> errors_total;
   std::atomic<std::uint64_t> retries_total;
+  std::atomic<std::uint64_t> polled_ns;          // 0: never polled
+  std::atomic<std::uint64_t> requests_at_poll;   // requests_total when polled
+  std::atomic<std::uint64_t> kv_usage_bits;      // double
+  std::atomic<std::uint64_t> waiting_uncached;   // kNoValue: not reported
+  std::atomic<std::uint32_t> running;
+  std::atomic<std::uint32_t> waiting;
+  std::atomic<std::uint32_t> poll_failures_total;
+  std::atomic<std::uint32_t> bootstrap_port;     // 0: unknown
+};
+
+constexpr std::uint64_t kNoValue = ~std::uint64_t{0};
+
+// Per (limit group, owner) gauges, like GaugeCell.
+struct GroupCell {
+  std::atomic<std::int32_t> inflight;
+  std::atomic<std::int32_t> queued;
+};
+
+// Identity and counters of one limit group.
+struct alignas(kLine) GroupBlock {
+  char name[SharedState::kMaxGroupName + 1];
+  std::atomic<std::uint64_t> admitted_total;
+  std::atomic<std::uint64_t> queued_total;
+  std::atomic<std::uint64_t> rejected_total;   // queue full
+  std::atomic<std::uint64_t> timed_out_total;  // left the queue at its timeout
 };
 
 // Per-bucket counts (index n = above every bound) and the sum, both only ever incremented.
@@ -150,6 +181,10 @@ struct alignas(kLine) Root {
   std::uint64_t cells_off;
   std::uint64_t backends_off;
   std::uint64_t hists_off;
+  std::uint64_t group_cells_off;
+  std::uint64_t groups_off;
+  std::uint32_t max_groups;
+  std::uint32_t group_count;
   alignas(kLine) std::atomic<std::uint32_t> ready;  // 1 once create() published everything
   std::atomic<std::uint32_t> cursor;                // next-fit hint for acquire
   std::atomic<std::uint64_t> acquire_full_total;
@@ -173,7 +208,11 @@ static_assert(std::is_standard_layout_v<Histogram> && std::is_trivially_destruct
 static_assert(std::is_standard_layout_v<Root> && std::is_trivially_destructible_v<Root>);
 static_assert(std::is_trivially_copyable_v<SlotHandle> && std::is_trivially_copyable_v<Timeline>);
 static_assert(sizeof(Slot) == SharedState::kSlotBytes);
-static_assert(sizeof(OwnerRow) == 64 && sizeof(GaugeCell) == 8 && sizeof(BackendBlock) == 192);
+static_assert(std::is_standard_layout_v<GroupCell> && std::is_trivially_destructible_v<GroupCell>);
+static_assert(std::is_standard_layout_v<GroupBlock> &&
+              std::is_trivially_destructible_v<GroupBlock>);
+static_assert(sizeof(OwnerRow) == 64 && sizeof(GaugeCell) == 8 && sizeof(BackendBlock) == 256);
+static_assert(sizeof(GroupCell) == 8 && sizeof(GroupBlock) == 128);
 static_assert(sizeof(Root) == 192);
 
 using Segment = boost::interprocess::managed_external_buffer;
@@ -185,24 +224,29 @@ constexpr std::size_t round_up(std::size_t n, std::size_t a) {
 // What one allocate_aligned(n, 64) may cost in the segment beyond n: rbtree_best_fit's block
 // header plus up to one alignment unit of front padding it cannot split off.
 constexpr std::size_t kPerAllocOverhead = 2 * kLine + 64;
-constexpr std::size_t kAllocations = 5;
+constexpr std::size_t kAllocations = 7;
 
 struct Sizes {
-  std::size_t slots, owners, cells, backends, hists;
+  std::size_t slots, owners, cells, backends, hists, group_cells, groups;
 };
 
-Sizes component_sizes(std::uint64_t slots, std::uint64_t backends, std::uint64_t owners) {
-  return {round_up(slots * sizeof(Slot), kLine), round_up(owners * sizeof(OwnerRow), kLine),
+Sizes component_sizes(std::uint64_t slots, std::uint64_t backends, std::uint64_t owners,
+                      std::uint64_t groups) {
+  return {round_up(slots * sizeof(Slot), kLine),
+          round_up(owners * sizeof(OwnerRow), kLine),
           round_up(backends * owners * sizeof(GaugeCell), kLine),
           round_up(backends * sizeof(BackendBlock), kLine),
-          round_up(kHistCount * sizeof(Histogram), kLine)};
+          round_up(kHistCount * sizeof(Histogram), kLine),
+          round_up(groups * owners * sizeof(GroupCell), kLine),
+          round_up(groups * sizeof(GroupBlock), kLine)};
 }
 
 // Everything but the slot array: alignment slack, Root, segment manager, allocations.
-std::size_t fixed_bytes(std::uint64_t backends, std::uint64_t owners) {
-  const Sizes s = component_sizes(0, backends, owners);
+std::size_t fixed_bytes(const SharedStateConfig& c) {
+  const Sizes s = component_sizes(0, c.max_backends, c.max_owners, c.max_groups);
   return kLine + sizeof(Root) + round_up(Segment::segment_manager::get_min_size(), kLine) +
-         kAllocations * kPerAllocOverhead + s.owners + s.cells + s.backends + s.hists;
+         kAllocations * kPerAllocOverhead + s.owners + s.cells + s.backends + s.hists +
+         s.group_cells + s.groups;
 }
 
 // FNV-1a, for fingerprints.
@@ -225,6 +269,7 @@ std::uint64_t layout_fingerprint() {
        {std::uint64_t{kLayoutVersion}, std::uint64_t{sizeof(Root)}, std::uint64_t{sizeof(Slot)},
         std::uint64_t{sizeof(OwnerRow)}, std::uint64_t{sizeof(GaugeCell)},
         std::uint64_t{sizeof(BackendBlock)}, std::uint64_t{sizeof(Histogram)},
+        std::uint64_t{sizeof(GroupCell)}, std::uint64_t{sizeof(GroupBlock)},
         std::uint64_t{kStageCount}, std::uint64_t{kHistCount}}) {
     f.u64(v);
   }
@@ -246,6 +291,9 @@ std::uint64_t config_fingerprint(const SharedStateConfig& c) {
     f.str(b.name);
     f.str(b.pool);
   }
+  f.u64(c.max_groups);
+  f.u64(c.groups.size());
+  for (const std::string& g : c.groups) f.str(g);
   return f.h;
 }
 
@@ -319,12 +367,12 @@ std::uint64_t HistogramSnapshot::count() const noexcept {
 
 std::size_t SharedState::required_bytes(const SharedStateConfig& config) noexcept {
   const std::uint64_t slots = std::max<std::uint32_t>(config.max_slots, 1);
-  return fixed_bytes(config.max_backends, config.max_owners) + component_sizes(slots, 0, 0).slots;
+  return fixed_bytes(config) + component_sizes(slots, 0, 0, 0).slots;
 }
 
 std::uint32_t SharedState::max_slots_for(std::size_t region_bytes,
                                          const SharedStateConfig& config) noexcept {
-  const std::size_t fixed = fixed_bytes(config.max_backends, config.max_owners);
+  const std::size_t fixed = fixed_bytes(config);
   if (region_bytes <= fixed) return 0;
   const std::size_t n = (region_bytes - fixed) / sizeof(Slot);
   return static_cast<std::uint32_t>(std::min<std::size_t>(n, kMaxSlots));
@@ -342,6 +390,20 @@ std::string validate_config(const SharedStateConfig& c) {
   }
   if (c.max_owners == 0 || c.max_owners > SharedState::kMaxOwners) {
     return "max_owners must be in [1, " + std::to_string(SharedState::kMaxOwners) + "]";
+  }
+  if (c.max_groups > SharedState::kMaxGroups) {
+    return "max_groups must be at most " + std::to_string(SharedState::kMaxGroups);
+  }
+  if (c.groups.size() > c.max_groups) {
+    return std::to_string(c.groups.size()) + " limit groups exceed max_groups " +
+           std::to_string(c.max_groups);
+  }
+  for (std::size_t i = 0; i < c.groups.size(); ++i) {
+    if (c.groups[i].empty() || c.groups[i].size() > SharedState::kMaxGroupName ||
+        c.groups[i].find('\0') != std::string::npos) {
+      return "limit group " + std::to_string(i) + ": name must be 1.." +
+             std::to_string(SharedState::kMaxGroupName) + " bytes without NUL";
+    }
   }
   if (c.backends.size() > c.max_backends) {
     return std::to_string(c.backends.size()) + " backends exceed max_backends " +
@@ -421,7 +483,8 @@ OpenResult SharedState::create(void* region, std::size_t bytes,
   const std::uint64_t slots = config.max_slots;
   const std::uint64_t nb = config.max_backends;
   const std::uint64_t no = config.max_owners;
-  const Sizes sz = component_sizes(slots, nb, no);
+  const std::uint64_t ng = config.max_groups;
+  const Sizes sz = component_sizes(slots, nb, no, ng);
   try {
     Segment seg(boost::interprocess::create_only, seg_begin, seg_bytes);
     Slot* s = construct_array<Slot>(seg, slots, sz.slots);
@@ -429,6 +492,17 @@ OpenResult SharedState::create(void* region, std::size_t bytes,
     GaugeCell* c = construct_array<GaugeCell>(seg, nb * no, sz.cells);
     BackendBlock* b = construct_array<BackendBlock>(seg, nb, sz.backends);
     Histogram* h = construct_array<Histogram>(seg, kHistCount, sz.hists);
+    GroupCell* gc = construct_array<GroupCell>(seg, ng * no, sz.group_cells);
+    GroupBlock* g = construct_array<GroupBlock>(seg, ng, sz.groups);
+    for (std::size_t i = 0; i < config.groups.size(); ++i) {
+      std::memcpy(g[i].name, config.groups[i].data(), config.groups[i].size());
+    }
+    for (std::uint64_t i = 0; i < nb; ++i) {
+      b[i].waiting_uncached.store(kNoValue, std::memory_order_relaxed);
+      b[i].kv_usage_bits.store(std::bit_cast<std::uint64_t>(
+                                   std::numeric_limits<double>::quiet_NaN()),
+                               std::memory_order_relaxed);
+    }
     for (std::uint64_t i = 0; i < slots; ++i) {
       s[i].ctrl.store(make_ctrl(kStateFree, 0, 0), std::memory_order_relaxed);
       s[i].prefill.store(kNoBackend, std::memory_order_relaxed);
@@ -446,9 +520,12 @@ OpenResult SharedState::create(void* region, std::size_t bytes,
     root->cells_off = off(c);
     root->backends_off = off(b);
     root->hists_off = off(h);
+    root->group_cells_off = off(gc);
+    root->groups_off = off(g);
     root->end_off = std::max({root->slots_off + sz.slots, root->owners_off + sz.owners,
                               root->cells_off + sz.cells, root->backends_off + sz.backends,
-                              root->hists_off + sz.hists});
+                              root->hists_off + sz.hists, root->group_cells_off + sz.group_cells,
+                              root->groups_off + sz.groups});
     // `seg` goes out of scope without touching the memory: the segment manager stays in the
     // region, unused after this point.
   } catch (const std::exception& e) {
@@ -465,6 +542,8 @@ OpenResult SharedState::create(void* region, std::size_t bytes,
   root->max_backends = config.max_backends;
   root->max_owners = config.max_owners;
   root->backend_count = static_cast<std::uint32_t>(config.backends.size());
+  root->max_groups = config.max_groups;
+  root->group_count = static_cast<std::uint32_t>(config.groups.size());
   root->magic = kMagic;
   root->ready.store(1, std::memory_order_release);
 
@@ -497,13 +576,20 @@ OpenResult SharedState::attach(void* region, std::size_t bytes, const SharedStat
                 "region of " + std::to_string(bytes) + " bytes is smaller than the " +
                     std::to_string(root->region_bytes) + " bytes the state was created in");
   }
-  const SharedStateConfig cfg_limits{root->max_slots, root->max_backends, root->max_owners, {}};
-  const Sizes sz = component_sizes(root->max_slots, root->max_backends, root->max_owners);
+  SharedStateConfig cfg_limits;
+  cfg_limits.max_slots = root->max_slots;
+  cfg_limits.max_backends = root->max_backends;
+  cfg_limits.max_owners = root->max_owners;
+  cfg_limits.max_groups = root->max_groups;
+  const Sizes sz = component_sizes(root->max_slots, root->max_backends, root->max_owners,
+                                   root->max_groups);
   auto in_bounds = [&](std::uint64_t off, std::size_t n) {
     return off % kLine == 0 && off >= sizeof(Root) && off + n <= root->end_off;
   };
   if (!validate_config(cfg_limits).empty() || root->max_slots == 0 ||
-      root->backend_count > root->max_backends || !in_bounds(root->slots_off, sz.slots) ||
+      root->backend_count > root->max_backends || root->group_count > root->max_groups ||
+      !in_bounds(root->group_cells_off, sz.group_cells) || !in_bounds(root->groups_off, sz.groups) ||
+      !in_bounds(root->slots_off, sz.slots) ||
       !in_bounds(root->owners_off, sz.owners) || !in_bounds(root->cells_off, sz.cells) ||
       !in_bounds(root->backends_off, sz.backends) || !in_bounds(root->hists_off, sz.hists)) {
     return fail(OpenStatus::kLayoutMismatch, "root header is corrupt");
@@ -524,6 +610,19 @@ OpenResult SharedState::attach(void* region, std::size_t bytes, const SharedStat
     }
     if (expected->max_owners != root->max_owners) {
       return mismatch("max_owners", root->max_owners, expected->max_owners);
+    }
+    if (expected->max_groups != root->max_groups) {
+      return mismatch("max_groups", root->max_groups, expected->max_groups);
+    }
+    if (expected->groups.size() != root->group_count) {
+      return mismatch("limit group count", root->group_count, expected->groups.size());
+    }
+    for (std::size_t i = 0; i < expected->groups.size(); ++i) {
+      const GroupBlock& g = st->groups_[i];
+      if (bounded_string(g.name, sizeof g.name) != expected->groups[i]) {
+        return fail(OpenStatus::kConfigMismatch,
+                    "limit group " + std::to_string(i) + " differs between zone and config");
+      }
     }
     if (expected->backends.size() != root->backend_count) {
       return mismatch("backend count", root->backend_count, expected->backends.size());
@@ -553,6 +652,11 @@ SharedState::SharedState(Root* root) noexcept
       backends_(
           reinterpret_cast<BackendBlock*>(reinterpret_cast<char*>(root) + root->backends_off)),
       hists_(reinterpret_cast<Histogram*>(reinterpret_cast<char*>(root) + root->hists_off)),
+      group_cells_(
+          reinterpret_cast<GroupCell*>(reinterpret_cast<char*>(root) + root->group_cells_off)),
+      groups_(reinterpret_cast<GroupBlock*>(reinterpret_cast<char*>(root) + root->groups_off)),
+      max_groups_(root->max_groups),
+      group_count_(static_cast<std::uint16_t>(root->group_count)),
       max_slots_(root->max_slots),
       max_backends_(root->max_backends),
       max_owners_(root->max_owners),
@@ -631,6 +735,11 @@ void SharedState::zero_owner(std::uint32_t owner) noexcept {
     GaugeCell& c = cells_[b * max_owners_ + owner];
     c.outstanding.store(0, std::memory_order_relaxed);
     c.streams.store(0, std::memory_order_relaxed);
+  }
+  for (std::size_t g = 0; g < max_groups_; ++g) {
+    GroupCell& c = group_cells_[g * max_owners_ + owner];
+    c.inflight.store(0, std::memory_order_relaxed);
+    c.queued.store(0, std::memory_order_relaxed);
   }
 }
 
@@ -1090,6 +1199,64 @@ void SharedState::render_metrics(prom::TextWriter& w) const {
       w.sample(kBackendFamilies[f].name, {{"pool", st.pool}, {"backend", st.name}}, v);
     }
   }
+
+  // Engine load as last polled: only backends polled at least once have samples.
+  static constexpr Family kEngineFamilies[] = {
+      {"omni_proxy_backend_engine_running", "gauge",
+       "Requests running in the engine at the last /metrics poll."},
+      {"omni_proxy_backend_engine_waiting", "gauge",
+       "Requests waiting in the engine at the last /metrics poll."},
+      {"omni_proxy_backend_engine_kv_usage", "gauge",
+       "KV-cache usage (0-1) the engine reported at the last /metrics poll."},
+      {"omni_proxy_backend_metrics_polled_seconds", "gauge",
+       "Monotonic time of the last successful /metrics poll, in seconds."},
+  };
+  std::vector<std::optional<EngineLoadSample>> loads;
+  for (std::uint16_t b = 0; b < backend_count_; ++b) loads.push_back(engine_load(b));
+  for (std::size_t f = 0; f < std::size(kEngineFamilies); ++f) {
+    w.family(kEngineFamilies[f].name, kEngineFamilies[f].type, kEngineFamilies[f].help);
+    for (std::uint16_t b = 0; b < backend_count_; ++b) {
+      if (!loads[b]) continue;
+      const EngineLoadSample& x = *loads[b];
+      if (f == 2 && std::isnan(x.kv_usage)) continue;
+      const double v = f == 0 ? d(x.running)
+                       : f == 1 ? d(x.waiting)
+                       : f == 2 ? x.kv_usage
+                                : d(x.polled_ns) / 1e9;
+      w.sample(kEngineFamilies[f].name, {{"pool", stats[b].pool}, {"backend", stats[b].name}}, v);
+    }
+  }
+  w.family("omni_proxy_backend_poll_failures_total", "counter",
+           "Polls of the backend's /metrics that failed (connect, timeout, status, parse).");
+  for (std::uint16_t b = 0; b < backend_count_; ++b) {
+    w.sample("omni_proxy_backend_poll_failures_total",
+             {{"pool", stats[b].pool}, {"backend", stats[b].name}}, d(poll_failures_total(b)));
+  }
+
+  static constexpr Family kGroupFamilies[] = {
+      {"omni_proxy_limit_inflight", "gauge", "Requests in flight under the limit group."},
+      {"omni_proxy_limit_queued", "gauge", "Requests waiting in the limit group's queue."},
+      {"omni_proxy_limit_admitted_total", "counter", "Requests admitted by the limit group."},
+      {"omni_proxy_limit_queued_total", "counter", "Requests that had to wait in the queue."},
+      {"omni_proxy_limit_rejected_total", "counter",
+       "Requests refused because the queue was full (429)."},
+      {"omni_proxy_limit_timed_out_total", "counter",
+       "Requests that waited in the queue until its timeout (503)."},
+  };
+  std::vector<GroupStats> groups;
+  for (std::uint16_t g = 0; g < group_count_; ++g) groups.push_back(*group_stats(g));
+  for (std::size_t f = 0; f < std::size(kGroupFamilies); ++f) {
+    w.family(kGroupFamilies[f].name, kGroupFamilies[f].type, kGroupFamilies[f].help);
+    for (const GroupStats& g : groups) {
+      const double v = f == 0   ? d(g.inflight)
+                       : f == 1 ? d(g.queued)
+                       : f == 2 ? d(g.admitted_total)
+                       : f == 3 ? d(g.queued_total)
+                       : f == 4 ? d(g.rejected_total)
+                                : d(g.timed_out_total);
+      w.sample(kGroupFamilies[f].name, {{"group", g.name}}, v);
+    }
+  }
 }
 
 nlohmann::json SharedState::render_status_json() const {
@@ -1119,8 +1286,36 @@ nlohmann::json SharedState::render_status_json() const {
                         {"requests_total", st.requests_total},
                         {"errors_total", st.errors_total},
                         {"retries_total", st.retries_total}});
+    nlohmann::json& row = backends.back();
+    row["sent_since_poll"] = sent_since_poll(b);
+    row["poll_failures_total"] = poll_failures_total(b);
+    if (const std::uint16_t port = bootstrap_port(b); port != 0) row["bootstrap_port"] = port;
+    if (const auto load = engine_load(b)) {
+      nlohmann::json e = {{"running", load->running}, {"waiting", load->waiting},
+                          {"polled_ns", load->polled_ns}};
+      e["kv_usage"] = std::isnan(load->kv_usage) ? nlohmann::json(nullptr)
+                                                 : nlohmann::json(load->kv_usage);
+      if (load->waiting_uncached_tokens) {
+        e["waiting_uncached_tokens"] = *load->waiting_uncached_tokens;
+      }
+      row["engine"] = std::move(e);
+    } else {
+      row["engine"] = nullptr;
+    }
   }
   j["backends"] = std::move(backends);
+  nlohmann::json limits = nlohmann::json::array();
+  for (std::uint16_t g = 0; g < group_count_; ++g) {
+    const GroupStats st = *group_stats(g);
+    limits.push_back({{"group", st.name},
+                      {"inflight", st.inflight},
+                      {"queued", st.queued},
+                      {"admitted_total", st.admitted_total},
+                      {"queued_total", st.queued_total},
+                      {"rejected_total", st.rejected_total},
+                      {"timed_out_total", st.timed_out_total}});
+  }
+  j["limits"] = std::move(limits);
   nlohmann::json workers = nlohmann::json::array();
   for (std::uint32_t o = 0; o < max_owners_; ++o) {
     const std::uint64_t w = owners_[o].word.load(std::memory_order_acquire);
@@ -1130,6 +1325,161 @@ nlohmann::json SharedState::render_status_json() const {
   }
   j["workers"] = std::move(workers);
   return j;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine load
+// ---------------------------------------------------------------------------------------------
+
+bool SharedState::set_engine_load(std::uint16_t backend, const EngineLoadSample& x) noexcept {
+  if (backend >= backend_count_ || x.polled_ns == 0) return false;
+  BackendBlock& b = backends_[backend];
+  b.running.store(x.running, std::memory_order_relaxed);
+  b.waiting.store(x.waiting, std::memory_order_relaxed);
+  b.kv_usage_bits.store(std::bit_cast<std::uint64_t>(x.kv_usage), std::memory_order_relaxed);
+  b.waiting_uncached.store(x.waiting_uncached_tokens.value_or(kNoValue),
+                           std::memory_order_relaxed);
+  b.requests_at_poll.store(b.requests_total.load(std::memory_order_relaxed),
+                           std::memory_order_relaxed);
+  b.polled_ns.store(x.polled_ns, std::memory_order_release);
+  return true;
+}
+
+bool SharedState::count_poll_failure(std::uint16_t backend) noexcept {
+  if (backend >= backend_count_) return false;
+  backends_[backend].poll_failures_total.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+std::optional<EngineLoadSample> SharedState::engine_load(std::uint16_t backend) const noexcept {
+  if (backend >= backend_count_) return std::nullopt;
+  const BackendBlock& b = backends_[backend];
+  EngineLoadSample x;
+  x.polled_ns = b.polled_ns.load(std::memory_order_acquire);
+  if (x.polled_ns == 0) return std::nullopt;
+  x.running = b.running.load(std::memory_order_relaxed);
+  x.waiting = b.waiting.load(std::memory_order_relaxed);
+  x.kv_usage = std::bit_cast<double>(b.kv_usage_bits.load(std::memory_order_relaxed));
+  const std::uint64_t u = b.waiting_uncached.load(std::memory_order_relaxed);
+  if (u != kNoValue) x.waiting_uncached_tokens = u;
+  x.requests_at_poll = b.requests_at_poll.load(std::memory_order_relaxed);
+  return x;
+}
+
+std::uint64_t SharedState::sent_since_poll(std::uint16_t backend) const noexcept {
+  if (backend >= backend_count_) return 0;
+  const BackendBlock& b = backends_[backend];
+  const std::uint64_t now = b.requests_total.load(std::memory_order_relaxed);
+  const std::uint64_t then = b.requests_at_poll.load(std::memory_order_relaxed);
+  return now >= then ? now - then : 0;
+}
+
+std::uint64_t SharedState::poll_failures_total(std::uint16_t backend) const noexcept {
+  if (backend >= backend_count_) return 0;
+  return backends_[backend].poll_failures_total.load(std::memory_order_relaxed);
+}
+
+bool SharedState::set_bootstrap_port(std::uint16_t backend, std::uint16_t port) noexcept {
+  if (backend >= backend_count_) return false;
+  backends_[backend].bootstrap_port.store(port, std::memory_order_relaxed);
+  return true;
+}
+
+std::uint16_t SharedState::bootstrap_port(std::uint16_t backend) const noexcept {
+  if (backend >= backend_count_) return 0;
+  return static_cast<std::uint16_t>(
+      backends_[backend].bootstrap_port.load(std::memory_order_relaxed));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limit groups
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+std::int64_t sum_group(const GroupCell* row, std::uint32_t owners,
+                       std::atomic<std::int32_t> GroupCell::*field) noexcept {
+  std::int64_t n = 0;
+  for (std::uint32_t o = 0; o < owners; ++o) n += (row[o].*field).load(std::memory_order_relaxed);
+  return clamp_gauge(n);
+}
+}  // namespace
+
+Admission SharedState::admit(std::int32_t owner_pid, std::uint16_t group,
+                             std::uint32_t max_inflight, std::uint32_t max_queue) noexcept {
+  if (group >= group_count_ || owner_pid <= 0) return Admission::kRejected;
+  const std::optional<std::uint32_t> owner = owner_row(owner_pid);
+  if (!owner) return Admission::kRejected;
+  GroupCell* row = group_cells_ + std::size_t{group} * max_owners_;
+  GroupBlock& g = groups_[group];
+  // Nobody may jump a non-empty queue.
+  if ((max_inflight == 0 || group_inflight(group) < max_inflight) && group_queued(group) == 0) {
+    row[*owner].inflight.fetch_add(1, std::memory_order_relaxed);
+    g.admitted_total.fetch_add(1, std::memory_order_relaxed);
+    return Admission::kAdmitted;
+  }
+  if (group_queued(group) < max_queue) {
+    row[*owner].queued.fetch_add(1, std::memory_order_relaxed);
+    g.queued_total.fetch_add(1, std::memory_order_relaxed);
+    return Admission::kQueued;
+  }
+  g.rejected_total.fetch_add(1, std::memory_order_relaxed);
+  return Admission::kRejected;
+}
+
+bool SharedState::promote(std::int32_t owner_pid, std::uint16_t group,
+                          std::uint32_t max_inflight) noexcept {
+  if (group >= group_count_) return false;
+  const std::optional<std::uint32_t> owner = owner_row(owner_pid);
+  if (!owner) return false;
+  if (max_inflight != 0 && group_inflight(group) >= max_inflight) return false;
+  GroupCell& c = group_cells_[std::size_t{group} * max_owners_ + *owner];
+  c.inflight.fetch_add(1, std::memory_order_relaxed);
+  c.queued.fetch_sub(1, std::memory_order_relaxed);
+  groups_[group].admitted_total.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+void SharedState::unqueue(std::int32_t owner_pid, std::uint16_t group, bool timed_out) noexcept {
+  if (group >= group_count_) return;
+  const std::optional<std::uint32_t> owner = owner_row(owner_pid);
+  if (!owner) return;
+  group_cells_[std::size_t{group} * max_owners_ + *owner].queued.fetch_sub(
+      1, std::memory_order_relaxed);
+  if (timed_out) groups_[group].timed_out_total.fetch_add(1, std::memory_order_relaxed);
+}
+
+void SharedState::leave(std::int32_t owner_pid, std::uint16_t group) noexcept {
+  if (group >= group_count_) return;
+  const std::optional<std::uint32_t> owner = owner_row(owner_pid);
+  if (!owner) return;
+  group_cells_[std::size_t{group} * max_owners_ + *owner].inflight.fetch_sub(
+      1, std::memory_order_relaxed);
+}
+
+std::int64_t SharedState::group_inflight(std::uint16_t group) const noexcept {
+  if (group >= group_count_) return 0;
+  return sum_group(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+                   &GroupCell::inflight);
+}
+
+std::int64_t SharedState::group_queued(std::uint16_t group) const noexcept {
+  if (group >= group_count_) return 0;
+  return sum_group(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+                   &GroupCell::queued);
+}
+
+std::optional<GroupStats> SharedState::group_stats(std::uint16_t group) const {
+  if (group >= group_count_) return std::nullopt;
+  const GroupBlock& g = groups_[group];
+  GroupStats st;
+  st.name = bounded_string(g.name, sizeof g.name);
+  st.inflight = group_inflight(group);
+  st.queued = group_queued(group);
+  st.admitted_total = g.admitted_total.load(std::memory_order_relaxed);
+  st.queued_total = g.queued_total.load(std::memory_order_relaxed);
+  st.rejected_total = g.rejected_total.load(std::memory_order_relaxed);
+  st.timed_out_total = g.timed_out_total.load(std::memory_order_relaxed);
+  return st;
 }
 
 bool pid_alive(std::int32_t pid) noexcept {

@@ -58,6 +58,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -77,6 +78,8 @@ struct OwnerRow;
 struct GaugeCell;
 struct BackendBlock;
 struct Histogram;
+struct GroupCell;
+struct GroupBlock;
 }  // namespace shm_detail
 
 // "No backend assigned" in set_backends() and SlotSnapshot.
@@ -97,6 +100,37 @@ struct SharedStateConfig {
   std::uint32_t max_owners = 64;
   // Registered at create, in index order (the index set_backends() takes).
   std::vector<BackendSpec> backends;
+  // Limit groups (an admission limit each: in-flight requests and a wait queue, e.g. one per
+  // nginx location with limits) reserved, and their names in index order.
+  std::uint32_t max_groups = 64;
+  std::vector<std::string> groups;
+};
+
+// The engine load a backend's /metrics showed at the last successful poll.
+struct EngineLoadSample {
+  std::uint32_t running = 0;
+  std::uint32_t waiting = 0;
+  double kv_usage = std::numeric_limits<double>::quiet_NaN();  // 0..1, NaN: not reported
+  std::optional<std::uint64_t> waiting_uncached_tokens;
+  std::uint64_t polled_ns = 0;         // monotonic; 0: never polled
+  std::uint64_t requests_at_poll = 0;  // the backend's requests_total at that poll
+};
+
+// Admission to a limit group.
+enum class Admission : std::uint8_t {
+  kAdmitted,  // counted in flight; call leave() when done
+  kQueued,    // counted as waiting; call unqueue() when it leaves the queue
+  kRejected,  // in-flight limit reached and the queue is full
+};
+
+struct GroupStats {
+  std::string name;
+  std::int64_t inflight = 0;
+  std::int64_t queued = 0;
+  std::uint64_t admitted_total = 0;
+  std::uint64_t queued_total = 0;
+  std::uint64_t rejected_total = 0;
+  std::uint64_t timed_out_total = 0;
 };
 
 // Identifies one claim of one slot. A handle is only valid while its slot is held by the same
@@ -179,6 +213,8 @@ class SharedState {
   static constexpr std::uint32_t kMaxSlots = 1u << 24;
   static constexpr std::uint32_t kMaxBackends = 4096;
   static constexpr std::uint32_t kMaxOwners = 1024;
+  static constexpr std::uint32_t kMaxGroups = 4096;
+  static constexpr std::size_t kMaxGroupName = 95;
 
   // Bytes create() needs for `config` (max_slots 0 counts as 1).
   static std::size_t required_bytes(const SharedStateConfig& config) noexcept;
@@ -238,6 +274,39 @@ class SharedState {
   bool count_error(std::uint16_t backend) noexcept;
   bool count_retry(std::uint16_t backend) noexcept;
 
+  // --- Engine load (written by the worker that polls the backends' /metrics) ---------------------
+  // Stores a successful poll taken at `sample.polled_ns` (!= 0); requests_at_poll is taken from
+  // the backend's requests_total now, so sent_since_poll() counts what the poll cannot show.
+  bool set_engine_load(std::uint16_t backend, const EngineLoadSample& sample) noexcept;
+  bool count_poll_failure(std::uint16_t backend) noexcept;
+  std::optional<EngineLoadSample> engine_load(std::uint16_t backend) const noexcept;
+  // Requests assigned to the backend since its last poll (all of them if never polled).
+  std::uint64_t sent_since_poll(std::uint16_t backend) const noexcept;
+  std::uint64_t poll_failures_total(std::uint16_t backend) const noexcept;
+  // SGLang prefill instances: the bootstrap server port their /get_server_info announced.
+  bool set_bootstrap_port(std::uint16_t backend, std::uint16_t port) noexcept;
+  std::uint16_t bootstrap_port(std::uint16_t backend) const noexcept;  // 0: unknown
+
+  // --- Limit groups ---------------------------------------------------------------------------
+  // Admits one request of `owner_pid` to `group`: in flight while fewer than `max_inflight`
+  // (0: unlimited) are, otherwise queued while fewer than `max_queue` wait, otherwise
+  // rejected. The counts are sums of per-owner rows (a dead owner's share vanishes with
+  // reclaim_dead), read then incremented without a lock: concurrent admissions in different
+  // workers may overshoot a limit by at most one per worker. kRejected also when the group or
+  // owner is unknown.
+  Admission admit(std::int32_t owner_pid, std::uint16_t group, std::uint32_t max_inflight,
+                  std::uint32_t max_queue) noexcept;
+  // A queued request takes an in-flight place if one is free (then it is no longer queued).
+  bool promote(std::int32_t owner_pid, std::uint16_t group, std::uint32_t max_inflight) noexcept;
+  // A queued request leaves the queue without running; `timed_out` counts it as a timeout.
+  void unqueue(std::int32_t owner_pid, std::uint16_t group, bool timed_out) noexcept;
+  // An admitted request is done.
+  void leave(std::int32_t owner_pid, std::uint16_t group) noexcept;
+  std::uint16_t group_count() const noexcept { return group_count_; }
+  std::int64_t group_inflight(std::uint16_t group) const noexcept;
+  std::int64_t group_queued(std::uint16_t group) const noexcept;
+  std::optional<GroupStats> group_stats(std::uint16_t group) const;
+
   // --- Reads ----------------------------------------------------------------------------------
   std::uint32_t capacity() const noexcept { return max_slots_; }
   std::uint32_t slots_used() const noexcept;
@@ -287,6 +356,10 @@ class SharedState {
   shm_detail::GaugeCell* cells_;  // [backend][owner]
   shm_detail::BackendBlock* backends_;
   shm_detail::Histogram* hists_;
+  shm_detail::GroupCell* group_cells_;  // [group][owner]
+  shm_detail::GroupBlock* groups_;
+  std::uint32_t max_groups_;
+  std::uint16_t group_count_;
   std::uint32_t max_slots_;
   std::uint32_t max_backends_;
   std::uint32_t max_owners_;
