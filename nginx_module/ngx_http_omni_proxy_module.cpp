@@ -3,25 +3,44 @@
 // Conventions (see docs/architecture.md): every entry point nginx calls is noexcept and turns
 // any C++ exception into a logged NGX_ERROR; directives are validated when nginx parses them;
 // the shared zone keeps nginx's slab-pool header intact so the master can recover its mutex.
+//
+// This file: directives and configuration, the registry of upstream blocks the legs use, the
+// shared zone (omni::SharedState in slab memory), the worker's timers (dead-worker reclaim),
+// and the omni_proxy_status / omni_proxy_metrics handlers.
 #include "omni_module.hpp"
 
+#include <omni/prometheus.hpp>
 #include <omni/version.hpp>
+
+#include <nlohmann/json.hpp>
 
 #include <cstddef>
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <string>
 
 namespace {
 
 using omni::ngx::LocConf;
 using omni::ngx::MainConf;
+using omni::ngx::Pool;
+using omni::ngx::Registry;
+using omni::ngx::log_exception;
 
-// Bounds of omni_proxy_zone's SIZE, documented in docs/directives.md.
+// Bounds, documented in docs/directives.md.
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 1;
+constexpr uint32_t kZoneLayoutVersion = 2;
+constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
+constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
+constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
+constexpr size_t kPrefillResponseBuffer = 8u << 20;        // in-memory prefill answers
+constexpr size_t kUpstreamHeaderBuffer = 16u << 10;
+constexpr ngx_uint_t kMaxQueueLimit = 1u << 20;
+constexpr ngx_uint_t kMaxInflightLimit = 1u << 24;
+constexpr ngx_msec_t kReclaimInterval = 1000;
 
 // Lives in the shared zone, after nginx's slab-pool header. Fixed-width, trivially copyable.
 struct ZoneHeader {
@@ -30,66 +49,101 @@ struct ZoneHeader {
   uint32_t reserved;
   uint64_t created_msec;     // when this zone was first initialised
   uint64_t generation;       // bumped on every reload that reuses the zone
+  uint64_t fingerprint;      // of the SharedStateConfig it was built for
+  uint64_t state_offset;     // the SharedState region, from the zone start
+  uint64_t state_bytes;
+  std::atomic<int32_t> poller_pid;  // the worker polling engine metrics (0: none)
+  int32_t pad;
 };
-
-// Bounds of the other directives, documented in docs/directives.md.
-constexpr size_t kDefaultMaxBodySize = 8u << 20;          // 8 MiB
-constexpr size_t kMaxBodySizeLimit = 256u << 20;          // 256 MiB
-constexpr size_t kPrefillResponseBuffer = 8u << 20;       // in-memory prefill answers
-constexpr size_t kUpstreamHeaderBuffer = 16u << 10;
 
 char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_status(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_metrics(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_proxy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_upstream(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_bounded_num(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 void* create_main_conf(ngx_conf_t* cf) noexcept;
+char* init_main_conf(ngx_conf_t* cf, void* conf) noexcept;
+char* finalize_registry(ngx_conf_t* cf) noexcept;
+char* set_enum(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 void* create_loc_conf(ngx_conf_t* cf) noexcept;
 char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept;
+ngx_int_t preconfiguration(ngx_conf_t* cf) noexcept;
 ngx_int_t postconfiguration(ngx_conf_t* cf) noexcept;
+ngx_int_t init_process(ngx_cycle_t* cycle) noexcept;
+void exit_process(ngx_cycle_t* cycle) noexcept;
 
 ngx_conf_enum_t modes[] = {
     {ngx_string("aggregated"), omni::ngx::kModeAggregated},
     {ngx_string("sequential"), omni::ngx::kModeSequential},
+    {ngx_string("parallel"), omni::ngx::kModeParallel},
     {ngx_null_string, 0},
 };
+
+ngx_conf_enum_t engines[] = {
+    {ngx_string("vllm"), omni::ngx::kEngineVllm},
+    {ngx_string("sglang"), omni::ngx::kEngineSglang},
+    {ngx_null_string, 0},
+};
+
+// Upper bounds for set_bounded_num, by directive.
+ngx_conf_num_bounds_t inflight_bounds = {ngx_conf_check_num_bounds, 0,
+                                         static_cast<ngx_int_t>(kMaxInflightLimit)};
+ngx_conf_num_bounds_t queue_bounds = {ngx_conf_check_num_bounds, 0,
+                                      static_cast<ngx_int_t>(kMaxQueueLimit)};
+ngx_conf_num_bounds_t port_bounds = {ngx_conf_check_num_bounds, 1, 65535};
+
+constexpr ngx_uint_t kAnyLevel = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
 ngx_command_t commands[] = {
     {ngx_string("omni_proxy_zone"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2, set_zone,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_poll_interval"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, poll_interval),
+     nullptr},
+    {ngx_string("omni_proxy_poll_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, poll_timeout), nullptr},
     {ngx_string("omni_proxy_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_metrics"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_metrics,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("omni_proxy"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_proxy,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
-    {ngx_string("omni_proxy_mode"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF |
-     NGX_CONF_TAKE1, ngx_conf_set_enum_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, mode),
-     modes},
+    {ngx_string("omni_proxy_mode"), kAnyLevel | NGX_CONF_TAKE1, set_enum,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, mode), modes},
+    {ngx_string("omni_proxy_engine"), kAnyLevel | NGX_CONF_TAKE1, set_enum,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, engine), engines},
     {ngx_string("omni_proxy_upstream"), NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_upstream,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decode), nullptr},
     {ngx_string("omni_proxy_decode_upstream"), NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_upstream,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decode), nullptr},
     {ngx_string("omni_proxy_prefill_upstream"), NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_upstream,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, prefill), nullptr},
-    {ngx_string("omni_proxy_connect_timeout"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
-     NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, ngx_conf_set_msec_slot, NGX_HTTP_LOC_CONF_OFFSET,
-     offsetof(LocConf, connect_timeout), nullptr},
-    {ngx_string("omni_proxy_prefill_timeout"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
-     NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, ngx_conf_set_msec_slot, NGX_HTTP_LOC_CONF_OFFSET,
-     offsetof(LocConf, prefill_timeout), nullptr},
-    {ngx_string("omni_proxy_decode_timeout"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
-     NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, ngx_conf_set_msec_slot, NGX_HTTP_LOC_CONF_OFFSET,
-     offsetof(LocConf, decode_timeout), nullptr},
-    {ngx_string("omni_proxy_max_body_size"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
-     NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_max_body_size, NGX_HTTP_LOC_CONF_OFFSET,
-     offsetof(LocConf, max_body_size), nullptr},
+    {ngx_string("omni_proxy_connect_timeout"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_msec_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, connect_timeout), nullptr},
+    {ngx_string("omni_proxy_prefill_timeout"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_msec_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, prefill_timeout), nullptr},
+    {ngx_string("omni_proxy_decode_timeout"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_msec_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decode_timeout), nullptr},
+    {ngx_string("omni_proxy_queue_timeout"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_msec_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, queue_timeout), nullptr},
+    {ngx_string("omni_proxy_max_body_size"), kAnyLevel | NGX_CONF_TAKE1, set_max_body_size,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, max_body_size), nullptr},
+    {ngx_string("omni_proxy_max_inflight"), kAnyLevel | NGX_CONF_TAKE1, set_bounded_num,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, max_inflight), &inflight_bounds},
+    {ngx_string("omni_proxy_max_queue"), kAnyLevel | NGX_CONF_TAKE1, set_bounded_num,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, max_queue), &queue_bounds},
+    {ngx_string("omni_proxy_bootstrap_port"), kAnyLevel | NGX_CONF_TAKE1, set_bounded_num,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, bootstrap_port), &port_bounds},
     ngx_null_command,
 };
 
 ngx_http_module_t module_ctx = {
-    nullptr,           // preconfiguration
+    preconfiguration,  // preconfiguration
     postconfiguration, // postconfiguration
     create_main_conf,  // create main configuration
-    nullptr,           // init main configuration
+    init_main_conf,    // init main configuration
     nullptr,           // create server configuration
     nullptr,           // merge server configuration
     create_loc_conf,   // create location configuration
@@ -105,15 +159,103 @@ ngx_module_t ngx_http_omni_proxy_module = {
     &module_ctx,
     commands,
     NGX_HTTP_MODULE,
-    nullptr,  // init master
-    nullptr,  // init module
-    nullptr,  // init process
-    nullptr,  // init thread
-    nullptr,  // exit thread
-    nullptr,  // exit process
-    nullptr,  // exit master
+    nullptr,       // init master
+    nullptr,       // init module
+    init_process,  // init process
+    nullptr,       // init thread
+    nullptr,       // exit thread
+    exit_process,  // exit process
+    nullptr,       // exit master
     NGX_MODULE_V1_PADDING};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Worker runtime
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Runtime {
+  std::unique_ptr<omni::SharedState> state;
+  const Registry* registry = nullptr;
+  ZoneHeader* zone = nullptr;
+  ngx_event_t reclaim_timer{};
+};
+
+Runtime& runtime() {
+  static Runtime rt;
+  return rt;
+}
+
+MainConf* main_conf(ngx_cycle_t* cycle) {
+  if (cycle->conf_ctx == nullptr || cycle->conf_ctx[ngx_http_module.index] == nullptr) {
+    return nullptr;
+  }
+  return static_cast<MainConf*>(
+      ngx_http_cycle_get_module_main_conf(cycle, ngx_http_omni_proxy_module));
+}
+
+void reclaim(ngx_log_t* log) noexcept try {
+  omni::SharedState* st = runtime().state.get();
+  if (st == nullptr) return;
+  const std::size_t freed = st->reclaim_dead(omni::pid_alive);
+  if (freed > 0) {
+    ngx_log_error(NGX_LOG_WARN, log, 0,
+                  "omni_proxy: freed %uz request slots of workers that died", freed);
+  }
+} catch (...) {
+  log_exception(log, "reclaim");
+}
+
+void reclaim_tick(ngx_event_t* ev) noexcept {
+  reclaim(ev->log);
+  if (!ngx_exiting && !ngx_quit && !ngx_terminate) ngx_add_timer(ev, kReclaimInterval);
+}
+
+ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
+  MainConf* mcf = main_conf(cycle);
+  if (mcf == nullptr) return NGX_OK;
+  Runtime& rt = runtime();
+  rt.registry = mcf->registry;
+  if (mcf->zone == nullptr || mcf->zone->data == nullptr) return NGX_OK;
+  auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
+  if (hdr->magic != kZoneMagic || hdr->state_bytes == 0) return NGX_OK;
+  rt.zone = hdr;
+  auto* base = static_cast<char*>(static_cast<void*>(mcf->zone->shm.addr));
+  omni::OpenResult r = omni::SharedState::attach(base + hdr->state_offset, hdr->state_bytes,
+                                                 &mcf->registry->state_config);
+  if (!r.ok()) {
+    ngx_log_error(NGX_LOG_ALERT, cycle->log, 0, "omni_proxy_zone \"%V\": %s",
+                  &mcf->zone->shm.name, r.error.c_str());
+    return NGX_OK;  // serve without shared state rather than not at all
+  }
+  rt.state = std::move(r.state);
+  reclaim(cycle->log);  // a worker that just replaced a dead one frees its slots at once
+  rt.reclaim_timer.handler = reclaim_tick;
+  rt.reclaim_timer.log = cycle->log;
+  rt.reclaim_timer.data = &rt;
+  rt.reclaim_timer.cancelable = 1;
+  ngx_add_timer(&rt.reclaim_timer, kReclaimInterval);
+  omni::ngx::poller_start(cycle);
+  return NGX_OK;
+} catch (...) {
+  log_exception(cycle->log, "init_process");
+  return NGX_OK;
+}
+
+void exit_process(ngx_cycle_t*) noexcept {
+  Runtime& rt = runtime();
+  omni::ngx::poller_stop();
+  omni::ngx::proxy_exit_process();
+  if (rt.reclaim_timer.timer_set) ngx_del_timer(&rt.reclaim_timer);
+  if (rt.zone != nullptr) {
+    int32_t me = ngx_pid;
+    rt.zone->poller_pid.compare_exchange_strong(me, 0);
+  }
+  rt.state.reset();
+}
+
+}  // namespace
 
 namespace omni::ngx {
 
@@ -127,27 +269,89 @@ void log_exception(ngx_log_t* log, const char* where) noexcept {
   }
 }
 
+omni::SharedState* shared_state() noexcept { return runtime().state.get(); }
+
+const Registry* registry() noexcept { return runtime().registry; }
+
+const Pool* find_pool(const ngx_http_upstream_srv_conf_t* uscf) noexcept {
+  // During configuration (nginx -t, the master) the runtime registry is not set yet; the
+  // current cycle's main conf always is.
+  const Registry* reg = runtime().registry;
+  if (reg == nullptr) {
+    MainConf* mcf = main_conf(const_cast<ngx_cycle_t*>(ngx_cycle));
+    reg = mcf != nullptr ? mcf->registry : nullptr;
+  }
+  if (reg == nullptr) return nullptr;
+  for (const Pool& p : reg->pools) {
+    if (p.uscf == uscf) return &p;
+  }
+  return nullptr;
+}
+
+std::string backend_name(std::int32_t backend) {
+  const Registry* reg = registry();
+  if (reg == nullptr || backend < 0) return {};
+  for (const Pool& p : reg->pools) {
+    if (backend >= p.base && backend < p.base + p.count) {
+      return p.servers[static_cast<std::size_t>(backend - p.base)].name;
+    }
+  }
+  return {};
+}
+
+// The poller's claim on polling (poller.cpp): one worker at a time polls.
+bool claim_poller() noexcept {
+  ZoneHeader* z = runtime().zone;
+  if (z == nullptr) return false;
+  int32_t cur = z->poller_pid.load();
+  if (cur == ngx_pid) return true;
+  if (cur != 0 && omni::pid_alive(cur)) return false;
+  return z->poller_pid.compare_exchange_strong(cur, ngx_pid);
+}
+
 }  // namespace omni::ngx
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
 
 namespace {
 
-using omni::ngx::log_exception;
+void destroy_registry(void* data) noexcept { delete static_cast<Registry*>(data); }
 
-void* create_main_conf(ngx_conf_t* cf) noexcept {
+void* create_main_conf(ngx_conf_t* cf) noexcept try {
   auto* mcf = static_cast<MainConf*>(ngx_pcalloc(cf->pool, sizeof(MainConf)));
-  return mcf;  // null on allocation failure, which nginx reports
+  if (mcf == nullptr) return nullptr;
+  ngx_pool_cleanup_t* cln = ngx_pool_cleanup_add(cf->pool, 0);
+  if (cln == nullptr) return nullptr;
+  mcf->registry = new Registry();
+  cln->handler = destroy_registry;
+  cln->data = mcf->registry;
+  mcf->poll_interval = NGX_CONF_UNSET_MSEC;
+  mcf->poll_timeout = NGX_CONF_UNSET_MSEC;
+  return mcf;
+} catch (...) {
+  log_exception(cf->log, "create_main_conf");
+  return nullptr;
 }
 
 void* create_loc_conf(ngx_conf_t* cf) noexcept {
   auto* lcf = static_cast<LocConf*>(ngx_pcalloc(cf->pool, sizeof(LocConf)));
   if (lcf == nullptr) return nullptr;
   lcf->status = NGX_CONF_UNSET;
+  lcf->metrics = NGX_CONF_UNSET;
   lcf->enable = NGX_CONF_UNSET;
   lcf->mode = NGX_CONF_UNSET_UINT;
+  lcf->engine = NGX_CONF_UNSET_UINT;
   lcf->max_body_size = NGX_CONF_UNSET_SIZE;
   lcf->connect_timeout = NGX_CONF_UNSET_MSEC;
   lcf->prefill_timeout = NGX_CONF_UNSET_MSEC;
   lcf->decode_timeout = NGX_CONF_UNSET_MSEC;
+  lcf->queue_timeout = NGX_CONF_UNSET_MSEC;
+  lcf->max_inflight = NGX_CONF_UNSET_UINT;
+  lcf->max_queue = NGX_CONF_UNSET_UINT;
+  lcf->bootstrap_port = NGX_CONF_UNSET_UINT;
+  lcf->group = -1;
   for (ngx_http_upstream_conf_t* leg : {&lcf->prefill, &lcf->decode}) {
     leg->hide_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
     leg->pass_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
@@ -194,16 +398,59 @@ char* merge_leg(ngx_conf_t* cf, ngx_http_upstream_conf_t* conf, ngx_http_upstrea
   return NGX_CONF_OK;
 }
 
+char* conf_error(ngx_conf_t* cf, const char* message) {
+  ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", message);
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+// Records that a leg of a location with `engine` uses this upstream block.
+char* register_pool(ngx_conf_t* cf, ngx_http_upstream_srv_conf_t* uscf, ngx_uint_t engine,
+                    bool sglang_prefill) {
+  auto* mcf = static_cast<MainConf*>(
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+  Registry& reg = *mcf->registry;
+  const omni::EngineFlavor flavor =
+      engine == omni::ngx::kEngineSglang ? omni::EngineFlavor::kSglang : omni::EngineFlavor::kVllm;
+  Pool* pool = nullptr;
+  for (Pool& p : reg.pools) {
+    if (p.uscf == uscf) pool = &p;
+  }
+  if (pool == nullptr) {
+    reg.pools.emplace_back();
+    pool = &reg.pools.back();
+    pool->uscf = uscf;
+    pool->name.assign(reinterpret_cast<const char*>(uscf->host.data), uscf->host.len);
+  }
+  if (pool->flavor_set && pool->flavor != flavor) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"omni_proxy_engine\": upstream \"%V\" is used with both vllm and sglang",
+                       &uscf->host);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  pool->flavor = flavor;
+  pool->flavor_set = true;
+  pool->sglang_prefill = pool->sglang_prefill || sglang_prefill;
+  return NGX_CONF_OK;
+}
+
 char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   auto* prev = static_cast<LocConf*>(parent);
   auto* conf = static_cast<LocConf*>(child);
   ngx_conf_merge_value(conf->status, prev->status, 0);
+  ngx_conf_merge_value(conf->metrics, prev->metrics, 0);
   ngx_conf_merge_value(conf->enable, prev->enable, 0);
   ngx_conf_merge_uint_value(conf->mode, prev->mode, omni::ngx::kModeAggregated);
+  ngx_conf_merge_uint_value(conf->engine, prev->engine,
+                            conf->mode == omni::ngx::kModeParallel ? omni::ngx::kEngineSglang
+                                                                   : omni::ngx::kEngineVllm);
   ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size, kDefaultMaxBodySize);
   ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout, 5000);
   ngx_conf_merge_msec_value(conf->prefill_timeout, prev->prefill_timeout, 300000);
   ngx_conf_merge_msec_value(conf->decode_timeout, prev->decode_timeout, 600000);
+  ngx_conf_merge_msec_value(conf->queue_timeout, prev->queue_timeout, 30000);
+  ngx_conf_merge_uint_value(conf->max_inflight, prev->max_inflight, 0);
+  ngx_conf_merge_uint_value(conf->max_queue, prev->max_queue, 0);
+  ngx_conf_merge_uint_value(conf->bootstrap_port, prev->bootstrap_port, 8998);
   char* rc = merge_leg(cf, &conf->prefill, &prev->prefill, conf->connect_timeout,
                        conf->prefill_timeout, true);
   if (rc != NGX_CONF_OK) return rc;
@@ -212,22 +459,62 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   if (rc != NGX_CONF_OK) return rc;
   if (!conf->enable) return NGX_CONF_OK;
 
+  const bool aggregated = conf->mode == omni::ngx::kModeAggregated;
   if (conf->decode.upstream == nullptr) {
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       conf->mode == omni::ngx::kModeAggregated
-                           ? "\"omni_proxy\" needs \"omni_proxy_upstream\" in aggregated mode"
-                           : "\"omni_proxy\" needs \"omni_proxy_decode_upstream\"");
-    return static_cast<char*>(NGX_CONF_ERROR);
+    return conf_error(cf, aggregated
+                              ? "\"omni_proxy\" needs \"omni_proxy_upstream\" in aggregated mode"
+                              : "\"omni_proxy\" needs \"omni_proxy_decode_upstream\"");
   }
-  if (conf->mode == omni::ngx::kModeSequential && conf->prefill.upstream == nullptr) {
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "\"omni_proxy_mode sequential\" needs \"omni_proxy_prefill_upstream\"");
-    return static_cast<char*>(NGX_CONF_ERROR);
+  if (!aggregated && conf->prefill.upstream == nullptr) {
+    return conf_error(cf, conf->mode == omni::ngx::kModeSequential
+                              ? "\"omni_proxy_mode sequential\" needs \"omni_proxy_prefill_upstream\""
+                              : "\"omni_proxy_mode parallel\" needs \"omni_proxy_prefill_upstream\"");
+  }
+  if (conf->mode == omni::ngx::kModeSequential && conf->engine != omni::ngx::kEngineVllm) {
+    return conf_error(cf, "\"omni_proxy_engine sglang\" cannot use \"omni_proxy_mode sequential\""
+                          " (vLLM's P/D protocol); use \"omni_proxy_mode parallel\"");
+  }
+  if (conf->mode == omni::ngx::kModeParallel && conf->engine != omni::ngx::kEngineSglang) {
+    return conf_error(cf, "\"omni_proxy_mode parallel\" is SGLang's P/D protocol and needs "
+                          "\"omni_proxy_engine sglang\"");
+  }
+  if (conf->max_queue > 0 && conf->max_inflight == 0) {
+    return conf_error(cf, "\"omni_proxy_max_queue\" needs \"omni_proxy_max_inflight\"");
+  }
+  if (!aggregated) {
+    rc = register_pool(cf, conf->prefill.upstream, conf->engine,
+                       conf->mode == omni::ngx::kModeParallel);
+    if (rc != NGX_CONF_OK) return rc;
+  }
+  rc = register_pool(cf, conf->decode.upstream, conf->engine, false);
+  if (rc != NGX_CONF_OK) return rc;
+
+  auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
+      ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+  if (conf->max_inflight > 0) {
+    auto* mcf = static_cast<MainConf*>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+    std::string name(reinterpret_cast<const char*>(clcf->name.data), clcf->name.len);
+    if (name.empty()) name = "location";
+    if (name.size() > omni::SharedState::kMaxGroupName) {
+      name.resize(omni::SharedState::kMaxGroupName);
+    }
+    // Two locations with the same name (in different servers) get distinct group names.
+    for (const std::string& g : mcf->registry->groups) {
+      if (g == name) {
+        name = name.substr(0, omni::SharedState::kMaxGroupName - 6) + "#" +
+               std::to_string(mcf->registry->groups.size());
+        break;
+      }
+    }
+    if (mcf->registry->groups.size() >= omni::SharedState::kMaxGroups) {
+      return conf_error(cf, "\"omni_proxy_max_inflight\": too many locations with limits");
+    }
+    conf->group = static_cast<ngx_int_t>(mcf->registry->groups.size());
+    mcf->registry->groups.push_back(std::move(name));
   }
   // The body limit is ours; nginx's own check must not undercut it. Prefill answers carry one
   // block id per KV block, far more than nginx's default in-memory subrequest buffer.
-  auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
-      ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
   clcf->client_max_body_size = static_cast<off_t>(conf->max_body_size);
   // The module parses the whole body in memory anyway: keep it there, never in a temp file.
   if (clcf->client_body_buffer_size < conf->max_body_size) {
@@ -239,6 +526,138 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   return NGX_CONF_OK;
 } catch (...) {
   log_exception(cf->log, "merge_loc_conf");
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+// FNV-1a over the state config: a changed backend or group set needs a fresh zone.
+uint64_t fingerprint(const omni::SharedStateConfig& c) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  auto mix = [&h](std::string_view s) {
+    for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ULL;
+    h = (h ^ 0xff) * 0x100000001b3ULL;
+  };
+  mix(std::to_string(kZoneLayoutVersion));
+  mix(std::to_string(c.max_backends) + "/" + std::to_string(c.max_owners) + "/" +
+      std::to_string(c.max_groups));
+  for (const omni::BackendSpec& b : c.backends) {
+    mix(b.pool);
+    mix(b.name);
+  }
+  for (const std::string& g : c.groups) mix(g);
+  return h;
+}
+
+char* init_main_conf(ngx_conf_t*, void* conf) noexcept {
+  auto* mcf = static_cast<MainConf*>(conf);
+  ngx_conf_init_msec_value(mcf->poll_interval, 1000);
+  ngx_conf_init_msec_value(mcf->poll_timeout, 1000);
+  return NGX_CONF_OK;
+}
+
+// Runs at postconfiguration: after ngx_http_upstream_module's init_main_conf gave every
+// upstream block its balancer and servers, and after every location was merged (which is when
+// the legs registered their blocks and limit groups). The registry learns the servers, the
+// balancer wrapper is installed and the shared state's shape is fixed.
+char* finalize_registry(ngx_conf_t* cf) noexcept try {
+  auto* mcf = static_cast<MainConf*>(
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+  Registry& reg = *mcf->registry;
+  std::size_t next = 0;
+  for (Pool& pool : reg.pools) {
+    auto* peers = static_cast<ngx_http_upstream_rr_peers_t*>(pool.uscf->peer.data);
+    if (peers == nullptr || pool.uscf->peer.init == nullptr) {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "omni_proxy: upstream \"%V\" has no servers omni_proxy can use",
+                         &pool.uscf->host);
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+    pool.base = static_cast<std::uint16_t>(next);
+    pool.servers.clear();
+    for (ngx_http_upstream_rr_peers_t* p = peers; p != nullptr; p = p->next) {
+      for (ngx_http_upstream_rr_peer_t* peer = p->peer; peer != nullptr; peer = peer->next) {
+        Pool::Server s;
+        s.name.assign(reinterpret_cast<const char*>(peer->name.data), peer->name.len);
+        u_char text[NGX_SOCKADDR_STRLEN];
+        const size_t len = ngx_sock_ntop(peer->sockaddr, peer->socklen, text, sizeof(text), 0);
+        s.host.assign(reinterpret_cast<const char*>(text), len);
+        s.addr.sockaddr = peer->sockaddr;
+        s.addr.socklen = peer->socklen;
+        s.addr.name = peer->name;
+        pool.servers.push_back(std::move(s));
+      }
+    }
+    pool.count = static_cast<std::uint16_t>(pool.servers.size());
+    next += pool.count;
+    if (next > omni::SharedState::kMaxBackends) {
+      return conf_error(cf, "omni_proxy: the upstream blocks used have more than 4096 servers");
+    }
+  }
+  omni::SharedStateConfig& sc = reg.state_config;
+  sc = {};
+  sc.max_slots = 0;
+  sc.max_owners = kMaxOwners;
+  for (const Pool& pool : reg.pools) {
+    for (const Pool::Server& s : pool.servers) {
+      omni::BackendSpec b;
+      b.name = s.name.substr(0, omni::SharedState::kMaxBackendName);
+      b.pool = pool.name.substr(0, omni::SharedState::kMaxPoolName);
+      sc.backends.push_back(std::move(b));
+    }
+  }
+  sc.max_backends = std::max<std::uint32_t>(1, static_cast<std::uint32_t>(sc.backends.size()));
+  sc.groups = reg.groups;
+  sc.max_groups = static_cast<std::uint32_t>(reg.groups.size());
+  reg.fingerprint = fingerprint(sc);
+  omni::ngx::install_balancer(reg);
+  if (!reg.groups.empty() && mcf->zone == nullptr) {
+    return conf_error(cf, "\"omni_proxy_max_inflight\" needs \"omni_proxy_zone\": the limits "
+                          "are shared by all workers");
+  }
+
+  if (mcf->zone != nullptr) {
+    const std::size_t need = omni::SharedState::required_bytes(sc) + 4 * ngx_pagesize;
+    if (mcf->zone->shm.size < need) {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "\"omni_proxy_zone\": zone \"%V\" of %uz bytes is too small for %uz "
+                         "servers and %uz limit groups; it needs at least %uzk",
+                         &mcf->zone->shm.name, mcf->zone->shm.size, sc.backends.size(),
+                         sc.groups.size(), (need + 1023) / 1024);
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+    // A zone whose layout or config differs from the old cycle's must not be reused in place
+    // while old workers still use it: nginx then maps a fresh one.
+    ngx_cycle_t* old = cf->cycle->old_cycle;
+    if (old != nullptr) {
+      ngx_list_part_t* part = &old->shared_memory.part;
+      auto* zones = static_cast<ngx_shm_zone_t*>(part->elts);
+      for (ngx_uint_t i = 0;; ++i) {
+        if (i >= part->nelts) {
+          if (part->next == nullptr) break;
+          part = part->next;
+          zones = static_cast<ngx_shm_zone_t*>(part->elts);
+          i = 0;
+          if (part->nelts == 0) continue;
+        }
+        ngx_shm_zone_t& z = zones[i];
+        if (z.tag != &ngx_http_omni_proxy_module || z.shm.name.len != mcf->zone->shm.name.len ||
+            ngx_strncmp(z.shm.name.data, mcf->zone->shm.name.data, z.shm.name.len) != 0) {
+          continue;
+        }
+        auto* hdr = static_cast<ZoneHeader*>(z.data);
+        if (hdr == nullptr || hdr->magic != kZoneMagic ||
+            hdr->layout_version != kZoneLayoutVersion || hdr->fingerprint != reg.fingerprint) {
+          mcf->zone->noreuse = 1;
+          ngx_conf_log_error(NGX_LOG_NOTICE, cf, 0,
+                             "omni_proxy_zone \"%V\": servers or limits changed, the new "
+                             "workers start with a fresh zone",
+                             &mcf->zone->shm.name);
+        }
+      }
+    }
+  }
+  return NGX_CONF_OK;
+} catch (...) {
+  log_exception(cf->log, "omni_proxy configuration");
   return static_cast<char*>(NGX_CONF_ERROR);
 }
 
@@ -286,15 +705,62 @@ char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept
   return NGX_CONF_OK;
 }
 
-ngx_int_t postconfiguration(ngx_conf_t*) noexcept { return omni::ngx::install_filters(); }
+// ngx_conf_set_enum_slot, with a message that names the directive and the choices.
+char* set_enum(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept {
+  auto* field = reinterpret_cast<ngx_uint_t*>(static_cast<char*>(conf) + cmd->offset);
+  if (*field != NGX_CONF_UNSET_UINT) return const_cast<char*>("is duplicate");
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  std::string choices;
+  for (auto* e = static_cast<ngx_conf_enum_t*>(cmd->post); e->name.len != 0; ++e) {
+    if (e->name.len == value[1].len && ngx_strcasecmp(e->name.data, value[1].data) == 0) {
+      *field = e->value;
+      return NGX_CONF_OK;
+    }
+    if (!choices.empty()) choices += ", ";
+    choices.append(reinterpret_cast<const char*>(e->name.data), e->name.len);
+  }
+  ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": invalid value \"%V\"; use one of: %s",
+                     &cmd->name, &value[1], choices.c_str());
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+// A number with bounds, with a message naming the directive and the bounds.
+char* set_bounded_num(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept {
+  auto* field = reinterpret_cast<ngx_uint_t*>(static_cast<char*>(conf) + cmd->offset);
+  if (*field != NGX_CONF_UNSET_UINT) return const_cast<char*>("is duplicate");
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  const auto* bounds = static_cast<const ngx_conf_num_bounds_t*>(cmd->post);
+  const ngx_int_t n = ngx_atoi(value[1].data, value[1].len);
+  if (n == NGX_ERROR || n < bounds->low || n > bounds->high) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": \"%V\" must be an integer from %i to %i",
+                       &cmd->name, &value[1], bounds->low, bounds->high);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  *field = static_cast<ngx_uint_t>(n);
+  return NGX_CONF_OK;
+}
+
+ngx_int_t preconfiguration(ngx_conf_t* cf) noexcept { return omni::ngx::add_variables(cf); }
+
+ngx_int_t postconfiguration(ngx_conf_t* cf) noexcept {
+  if (finalize_registry(cf) != NGX_CONF_OK) return NGX_ERROR;
+  return omni::ngx::install_filters(cf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared zone
+// ---------------------------------------------------------------------------------------------
 
 // init_zone follows ngx_http_limit_req_module: reuse the old zone's data across a reload, adopt
-// an existing mapping, or lay out a fresh zone.
+// an existing mapping, or lay out a fresh zone: our header, then the shared state in the rest.
 ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
   auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(shm_zone->shm.addr);
-  if (data != nullptr) {  // reload with an unchanged name, tag and size
+  auto* mcf = static_cast<MainConf*>(shm_zone->data);  // the placeholder set_zone left
+  const Registry& reg = *mcf->registry;
+  if (data != nullptr) {  // reload with an unchanged name, tag, size and config
     auto* hdr = static_cast<ZoneHeader*>(data);
-    if (hdr->magic != kZoneMagic || hdr->layout_version != kZoneLayoutVersion) {
+    if (hdr->magic != kZoneMagic || hdr->layout_version != kZoneLayoutVersion ||
+        hdr->fingerprint != reg.fingerprint) {
       ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
                     "omni_proxy_zone \"%V\" holds an incompatible layout; restart nginx",
                     &shm_zone->shm.name);
@@ -310,18 +776,40 @@ ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
   }
   auto* hdr = static_cast<ZoneHeader*>(ngx_slab_calloc(shpool, sizeof(ZoneHeader)));
   if (hdr == nullptr) return NGX_ERROR;
+  static const char kCtx[] = " in omni_proxy_zone \"";
+  const size_t len = sizeof(kCtx) + shm_zone->shm.name.len + 1;
+  shpool->log_ctx = static_cast<u_char*>(ngx_slab_alloc(shpool, len));
+  if (shpool->log_ctx == nullptr) return NGX_ERROR;
+  ngx_sprintf(shpool->log_ctx, " in omni_proxy_zone \"%V\"%Z", &shm_zone->shm.name);
+
+  // The largest run of pages left holds the shared state.
+  void* region = nullptr;
+  size_t bytes = static_cast<size_t>(shpool->pfree) * ngx_pagesize;
+  for (int tries = 0; region == nullptr && tries < 8 && bytes > ngx_pagesize; ++tries) {
+    region = ngx_slab_alloc(shpool, bytes);
+    if (region == nullptr) bytes -= ngx_pagesize;
+  }
+  if (region == nullptr) {
+    ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                  "omni_proxy_zone \"%V\": no room for the request slots", &shm_zone->shm.name);
+    return NGX_ERROR;
+  }
+  omni::OpenResult r = omni::SharedState::create(region, bytes, reg.state_config);
+  if (!r.ok()) {
+    ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0, "omni_proxy_zone \"%V\": %s",
+                  &shm_zone->shm.name, r.error.c_str());
+    return NGX_ERROR;
+  }
   hdr->magic = kZoneMagic;
   hdr->layout_version = kZoneLayoutVersion;
   hdr->created_msec = static_cast<uint64_t>(ngx_current_msec);
   hdr->generation = 0;
+  hdr->fingerprint = reg.fingerprint;
+  hdr->state_offset = static_cast<uint64_t>(static_cast<u_char*>(region) - shm_zone->shm.addr);
+  hdr->state_bytes = bytes;
+  hdr->poller_pid.store(0);
   shpool->data = hdr;
   shm_zone->data = hdr;
-
-  static const char kCtx[] = " in omni_proxy_zone \"";
-  size_t len = sizeof(kCtx) + shm_zone->shm.name.len + 1;
-  shpool->log_ctx = static_cast<u_char*>(ngx_slab_alloc(shpool, len));
-  if (shpool->log_ctx == nullptr) return NGX_ERROR;
-  ngx_sprintf(shpool->log_ctx, " in omni_proxy_zone \"%V\"%Z", &shm_zone->shm.name);
   return NGX_OK;
 } catch (...) {
   log_exception(shm_zone->shm.log, "init_zone");
@@ -340,9 +828,10 @@ char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
   }
   ssize_t size = ngx_parse_size(&value[2]);
   if (size == NGX_ERROR) {
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": invalid zone size \"%V\"; use bytes with an optional k or m suffix",
-                       &cmd->name,
-                       &value[2]);
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"%V\": invalid zone size \"%V\"; use bytes with an optional k or m "
+                       "suffix",
+                       &cmd->name, &value[2]);
     return static_cast<char*>(NGX_CONF_ERROR);
   }
   if (static_cast<size_t>(size) < kZoneMinPages * ngx_pagesize ||
@@ -363,14 +852,22 @@ char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
     return static_cast<char*>(NGX_CONF_ERROR);
   }
   mcf->zone->init = init_zone;
-  mcf->zone->data = mcf;  // placeholder until init_zone runs, marks the zone as taken
+  mcf->zone->data = mcf;  // until init_zone runs: marks the zone as taken, carries the config
   return NGX_CONF_OK;
 } catch (...) {
   log_exception(cf->log, "omni_proxy_zone");
   return static_cast<char*>(NGX_CONF_ERROR);
 }
 
-// omni_proxy_status: a JSON snapshot of the module's state.
+// ---------------------------------------------------------------------------------------------
+// Observability handlers
+// ---------------------------------------------------------------------------------------------
+
+const char* engine_name(omni::EngineFlavor f) {
+  return f == omni::EngineFlavor::kSglang ? "sglang" : "vllm";
+}
+
+// omni_proxy_status: a JSON snapshot of backends, queues, stages and the zone.
 ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
   if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
   ngx_int_t rc = ngx_http_discard_request_body(r);
@@ -378,45 +875,108 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
 
   auto* mcf = static_cast<MainConf*>(
       ngx_http_get_module_main_conf(r, ngx_http_omni_proxy_module));
-  std::string body = "{\"version\":\"";
-  body += omni::kVersion;
-  body += "\",\"pid\":" + std::to_string(ngx_pid);
+  nlohmann::json j;
+  j["version"] = omni::kVersion;
+  j["pid"] = static_cast<long>(ngx_pid);
   if (mcf->zone != nullptr && mcf->zone->shm.addr != nullptr) {
     auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf->zone->shm.addr);
     auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
-    size_t free_pages = 0;
     ngx_shmtx_lock(&shpool->mutex);
-    free_pages = shpool->pfree;
+    const size_t free_pages = shpool->pfree;
     ngx_shmtx_unlock(&shpool->mutex);
-    body += ",\"zone\":{\"name\":\"" +
-            std::string(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
-                        mcf->zone->shm.name.len) +
-            "\",\"size\":" + std::to_string(mcf->zone->shm.size) +
-            ",\"free_bytes\":" + std::to_string(free_pages * ngx_pagesize) +
-            ",\"generation\":" + std::to_string(hdr->generation) + "}";
+    j["zone"] = {{"name", std::string(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
+                                      mcf->zone->shm.name.len)},
+                 {"size", mcf->zone->shm.size},
+                 {"free_bytes", free_pages * ngx_pagesize},
+                 {"state_bytes", hdr->state_bytes},
+                 {"generation", hdr->generation},
+                 {"poller_pid", hdr->poller_pid.load()}};
   } else {
-    body += ",\"zone\":null";
+    j["zone"] = nullptr;
   }
-  body += "}\n";
-
-  return omni::ngx::send_json(r, NGX_HTTP_OK, body);
+  nlohmann::json pools = nlohmann::json::array();
+  for (const Pool& p : mcf->registry->pools) {
+    nlohmann::json servers = nlohmann::json::array();
+    for (std::size_t i = 0; i < p.servers.size(); ++i) {
+      servers.push_back({{"name", p.servers[i].name}, {"backend", p.base + i}});
+    }
+    pools.push_back({{"name", p.name}, {"engine", engine_name(p.flavor)}, {"servers", servers}});
+  }
+  j["pools"] = std::move(pools);
+  if (omni::SharedState* st = omni::ngx::shared_state()) {
+    j.update(st->render_status_json());
+  }
+  return omni::ngx::send_json(r, NGX_HTTP_OK, j.dump() + "\n");
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_status");
   return NGX_HTTP_INTERNAL_SERVER_ERROR;
 }
 
-char* set_status(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
-  auto* lcf = static_cast<LocConf*>(conf);
-  if (lcf->status != NGX_CONF_UNSET) return const_cast<char*>("is duplicate");
-  lcf->status = 1;
+// omni_proxy_metrics: Prometheus text exposition 0.0.4.
+ngx_int_t metrics_handler(ngx_http_request_t* r) noexcept try {
+  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
+  ngx_int_t rc = ngx_http_discard_request_body(r);
+  if (rc != NGX_OK) return rc;
+  auto* mcf = static_cast<MainConf*>(
+      ngx_http_get_module_main_conf(r, ngx_http_omni_proxy_module));
+  omni::prom::TextWriter w;
+  w.family("omni_proxy_info", "gauge", "The omni_proxy module's version.");
+  w.sample("omni_proxy_info", {{"version", omni::kVersion}}, 1);
+  if (mcf->zone != nullptr && mcf->zone->shm.addr != nullptr) {
+    auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf->zone->shm.addr);
+    auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
+    ngx_shmtx_lock(&shpool->mutex);
+    const size_t free_pages = shpool->pfree;
+    ngx_shmtx_unlock(&shpool->mutex);
+    const std::string zone(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
+                           mcf->zone->shm.name.len);
+    w.family("omni_proxy_zone_size_bytes", "gauge", "Size of omni_proxy_zone.");
+    w.sample("omni_proxy_zone_size_bytes", {{"zone", zone}},
+             static_cast<double>(mcf->zone->shm.size));
+    w.family("omni_proxy_zone_free_bytes", "gauge", "Free pages of omni_proxy_zone, in bytes.");
+    w.sample("omni_proxy_zone_free_bytes", {{"zone", zone}},
+             static_cast<double>(free_pages * ngx_pagesize));
+    w.family("omni_proxy_zone_generation", "gauge",
+             "Reloads the zone survived since it was created.");
+    w.sample("omni_proxy_zone_generation", {{"zone", zone}},
+             static_cast<double>(hdr->generation));
+  }
+  if (omni::SharedState* st = omni::ngx::shared_state()) st->render_metrics(w);
+  const std::string& body = w.str();
+
+  r->headers_out.status = NGX_HTTP_OK;
+  r->headers_out.content_length_n = static_cast<off_t>(body.size());
+  ngx_str_set(&r->headers_out.content_type, "text/plain; version=0.0.4; charset=utf-8");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  rc = ngx_http_send_header(r);
+  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
+  auto* b = ngx_create_temp_buf(r->pool, body.size() + 1);
+  if (b == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  b->last = ngx_cpymem(b->pos, body.data(), body.size());
+  b->last_buf = 1;
+  b->last_in_chain = 1;
+  ngx_chain_t out{b, nullptr};
+  return ngx_http_output_filter(r, &out);
+} catch (...) {
+  log_exception(r->connection->log, "omni_proxy_metrics");
+  return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+char* set_handler(ngx_conf_t* cf, ngx_flag_t* flag, ngx_http_handler_pt handler) {
+  if (*flag != NGX_CONF_UNSET) return const_cast<char*>("is duplicate");
+  *flag = 1;
   auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
       ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-  clcf->handler = status_handler;
-  (void)cmd;
+  clcf->handler = handler;
   return NGX_CONF_OK;
-} catch (...) {
-  log_exception(cf->log, "omni_proxy_status");
-  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
+char* set_status(ngx_conf_t* cf, ngx_command_t*, void* conf) noexcept {
+  return set_handler(cf, &static_cast<LocConf*>(conf)->status, status_handler);
+}
+
+char* set_metrics(ngx_conf_t* cf, ngx_command_t*, void* conf) noexcept {
+  return set_handler(cf, &static_cast<LocConf*>(conf)->metrics, metrics_handler);
 }
 
 }  // namespace

@@ -3,7 +3,13 @@
 
 #include "ngx.hpp"
 
+#include <omni/engine_metrics.hpp>
+#include <omni/shared_state.hpp>
+
+#include <cstdint>
+#include <string>
 #include <string_view>
+#include <vector>
 
 extern "C" {
 extern ngx_module_t ngx_http_omni_proxy_module;
@@ -15,22 +21,69 @@ namespace omni::ngx {
 enum Mode : ngx_uint_t {
   kModeAggregated = 1,  // one leg to one pool
   kModeSequential = 2,  // vLLM P/D: prefill leg, then decode leg with the KV handle
+  kModeParallel = 3,    // SGLang P/D: both legs at once, joined by a bootstrap room
+};
+
+enum Engine : ngx_uint_t {
+  kEngineVllm = 1,
+  kEngineSglang = 2,
+};
+
+// Which leg an upstream request is.
+enum class Leg : std::uint8_t { kNone, kPrefill, kDecode };
+
+// One upstream{} block used by an omni_proxy leg. Its servers (primary, then backup) are
+// backends base .. base+count-1 of the shared state.
+struct Pool {
+  ngx_http_upstream_srv_conf_t* uscf = nullptr;
+  std::string name;
+  ngx_http_upstream_init_peer_pt original_init = nullptr;  // the block's own balancer
+  std::uint16_t base = 0;
+  std::uint16_t count = 0;
+  omni::EngineFlavor flavor = omni::EngineFlavor::kVllm;
+  bool flavor_set = false;
+  bool sglang_prefill = false;  // prefill pool of a parallel location: learn bootstrap ports
+  struct Server {
+    std::string name;  // host:port as nginx prints it
+    std::string host;  // without the port
+    ngx_addr_t addr{};
+  };
+  std::vector<Server> servers;  // index i is backend base + i
+};
+
+// Everything configuration-time the runtime needs; owned by the main conf's pool.
+struct Registry {
+  std::vector<Pool> pools;
+  std::vector<std::string> groups;   // limit group names (locations with limits)
+  omni::SharedStateConfig state_config;
+  std::uint64_t fingerprint = 0;     // of state_config; a changed one gets a fresh zone
 };
 
 struct MainConf {
   ngx_shm_zone_t* zone;  // null when omni_proxy_zone is absent
+  Registry* registry;
+  ngx_msec_t poll_interval;  // omni_proxy_poll_interval; 0 disables polling
+  ngx_msec_t poll_timeout;   // omni_proxy_poll_timeout
 };
 
 struct LocConf {
   ngx_flag_t status;   // omni_proxy_status
+  ngx_flag_t metrics;  // omni_proxy_metrics
   ngx_flag_t enable;   // omni_proxy
   ngx_uint_t mode;     // omni_proxy_mode
+  ngx_uint_t engine;   // omni_proxy_engine
   size_t max_body_size;                 // omni_proxy_max_body_size
-  ngx_http_upstream_conf_t prefill;     // the prefill leg (sequential)
+  ngx_http_upstream_conf_t prefill;     // the prefill leg (sequential, parallel)
   ngx_http_upstream_conf_t decode;      // the decode leg, or the only leg (aggregated)
   ngx_msec_t connect_timeout;           // omni_proxy_connect_timeout
   ngx_msec_t prefill_timeout;           // omni_proxy_prefill_timeout
   ngx_msec_t decode_timeout;            // omni_proxy_decode_timeout
+  ngx_uint_t max_inflight;              // omni_proxy_max_inflight; 0 = unlimited
+  ngx_uint_t max_queue;                 // omni_proxy_max_queue
+  ngx_msec_t queue_timeout;             // omni_proxy_queue_timeout
+  ngx_uint_t bootstrap_port;            // omni_proxy_bootstrap_port (fallback)
+  ngx_int_t group;                      // limit group index, -1 for none
+  ngx_str_t location;                   // the location's name, for the limit group
 };
 
 // Logs the exception being handled (call only inside a catch block) as an [alert].
@@ -38,11 +91,67 @@ void log_exception(ngx_log_t* log, const char* where) noexcept;
 // Sends `body` as a complete application/json response with `status`; returns what the
 // output filter returned (proxy_handler.cpp).
 ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view body);
+// Sends an OpenAI-style error; with a Retry-After header when retry_after_s > 0.
+ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
+                     const std::string& param = {}, unsigned retry_after_s = 0);
 
 // The content handler of omni_proxy locations (proxy_handler.cpp).
 ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept;
 // Installs the header and body filters that turn nginx's own error pages for omni_proxy
-// requests into OpenAI-style JSON.
-ngx_int_t install_filters() noexcept;
+// requests into OpenAI-style JSON, and the log-phase handler that closes the lifecycle.
+ngx_int_t install_filters(ngx_conf_t* cf) noexcept;
+// Worker start and exit for the request path (local wait queues).
+void proxy_exit_process() noexcept;
+
+// --- Runtime state of this worker (ngx_http_omni_proxy_module.cpp) --------------------------
+// The shared state view, or null without omni_proxy_zone (or before the worker attached).
+omni::SharedState* shared_state() noexcept;
+// The registry of the running configuration (null without omni_proxy legs).
+const Registry* registry() noexcept;
+const Pool* find_pool(const ngx_http_upstream_srv_conf_t* uscf) noexcept;
+
+// --- Balancer (balancer.cpp) ----------------------------------------------------------------
+// Installs the peer-choice wrapper on every pool's upstream block (init_main_conf time, after
+// nginx initialised the blocks' own balancers).
+void install_balancer(Registry& registry) noexcept;
+// Features of a request the balancer needs; set on the leg request's context.
+struct PeerChoice {
+  std::uint64_t request_hash = 0;
+  std::int32_t forced = -1;  // server index within the pool to use, or -1 to let the policy pick
+};
+// Chooses a server of `pool` for a request now (parallel P/D picks the prefill server before
+// the bodies are built); -1 when none is eligible.
+std::int32_t choose_server(const Pool& pool, std::uint64_t request_hash) noexcept;
+// Hooks into the request path (proxy_handler.cpp): what the balancer should do for a leg
+// request (false: not an omni_proxy leg, leave nginx's choice alone), and what it chose
+// (`server` within `pool`; -1 when nginx found no live server).
+bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept;
+void leg_peer_chosen(ngx_http_request_t* r, const Pool& pool, std::int32_t server) noexcept;
+void leg_peer_released(ngx_http_request_t* r, const Pool& pool, std::int32_t server,
+                       ngx_uint_t state) noexcept;
+
+// --- Metrics poller (poller.cpp) --------------------------------------------------------------
+void poller_start(ngx_cycle_t* cycle) noexcept;
+// True when this worker is (or just became) the one polling: one worker polls at a time, and
+// another takes over when it dies (ngx_http_omni_proxy_module.cpp).
+bool claim_poller() noexcept;
+void poller_stop() noexcept;
+
+// --- Variables (variables.cpp) ---------------------------------------------------------------
+ngx_int_t add_variables(ngx_conf_t* cf) noexcept;
+
+// Per-request view for variables (proxy_handler.cpp): nullptr when the request is not ours.
+struct RequestView {
+  const char* request_id;
+  std::size_t request_id_len;
+  const omni::Timeline* timeline;
+  std::uint64_t first_token_ns;
+  std::uint32_t prompt_tokens;
+  std::uint32_t output_tokens;
+  std::int32_t prefill_backend;  // -1 none
+  std::int32_t decode_backend;   // -1 none
+};
+bool request_view(ngx_http_request_t* r, RequestView& out) noexcept;
+std::string backend_name(std::int32_t backend);
 
 }  // namespace omni::ngx

@@ -1,43 +1,79 @@
 // The request path of omni_proxy locations.
 //
 // Every leg to an engine is an nginx upstream request (keepalive, timeouts, retries through the
-// upstream block's balancer, as nginx users expect), sent and parsed by the callbacks below.
+// upstream block's balancer wrapped by balancer.cpp, as nginx users expect), sent and parsed by
+// the callbacks below.
 //  - aggregated: the client request itself runs one leg to the location's pool;
 //  - sequential (vLLM P/D): an in-memory subrequest runs the prefill leg (the client body with
 //    kv_transfer_params.do_remote_decode, max_tokens 1, stream false); when it completes, the
 //    client request runs the decode leg (the client body plus the kv_transfer_params the
-//    prefill returned), whose answer streams to the client unbuffered.
+//    prefill returned), whose answer streams to the client unbuffered;
+//  - parallel (SGLang P/D): the prefill server is chosen first, both legs get the body with
+//    its bootstrap_host/port and a random bootstrap_room, and they run at once: the prefill
+//    as a background in-memory subrequest (drained), the decode on the client request. When
+//    either fails, the other is cancelled (its upstream socket is shut down, so nginx's own
+//    error path runs) and the client gets an error.
+// Each request holds a slot of the shared state (omni/shared_state.hpp) from the handler to
+// the log phase, moving through the ten lifecycle stages; a location with limits admits it
+// through its limit group first, queueing it in this worker when the group is full.
 // Request bodies are parsed and rewritten structurally by the core (omni/request_body.hpp).
 // Errors nginx generates for these requests (a failed or timed-out leg, a body over the limit)
-// are rewritten into OpenAI-style JSON by a header and body filter.
+// are rewritten into OpenAI-style JSON by a header and body filter; a decode leg that fails
+// after its answer started streaming ends the stream with an SSE error event.
 #include "omni_module.hpp"
 
 #include <omni/openai_error.hpp>
 #include <omni/request_body.hpp>
+#include <omni/response_scan.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <sys/socket.h>
 
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <new>
+#include <random>
 #include <string>
+#include <vector>
 
 namespace omni::ngx {
 namespace {
 
-enum class Leg { kNone, kPrefill, kDecode };
+enum class Admitted : std::uint8_t { kNone, kInflight, kQueued };
 
 // State of one client request, shared by its legs. Owned by the client request's pool.
 struct State {
+  ngx_http_request_t* r = nullptr;  // the client request
+  LocConf* lcf = nullptr;
   omni::Api api = omni::Api::kCompletions;
   std::string client_body;
   std::optional<omni::ParsedBody> parsed;
   std::string request_id;
+  std::uint64_t request_hash = 0;
   std::string prefill_body;
   std::string decode_body;
   // The prefill leg's outcome.
+  ngx_http_request_t* prefill_sr = nullptr;
   bool prefill_done = false;
   ngx_int_t prefill_rc = NGX_OK;
   ngx_uint_t prefill_status = 0;
   std::string prefill_response;
+  bool decode_done = false;
+  std::string error_message;  // why a leg was cancelled, for the client's error
+  // Lifecycle (mirrored into the shared slot when there is one).
+  std::optional<omni::SlotHandle> slot;
+  omni::Timeline timeline;
+  std::uint64_t first_token_ns = 0;
+  std::int32_t prefill_backend = -1;
+  std::int32_t decode_backend = -1;
+  std::optional<omni::UsageScanner> scanner;
+  bool finished = false;
+  // Limits.
+  Admitted admitted = Admitted::kNone;
+  ngx_queue_t queue{};     // in the worker's wait queue of the group while queued
+  ngx_event_t queue_timer{};
 };
 
 // Per nginx request (the client request, or a leg subrequest).
@@ -45,8 +81,10 @@ struct Ctx {
   State* state = nullptr;
   Leg leg = Leg::kNone;
   const std::string* body = nullptr;  // what this leg sends; owned by State
+  std::int32_t forced = -1;           // server the balancer must use (parallel prefill)
   ngx_http_status_t status{};
   ngx_http_chunked_t chunked{};
+  bool scanning = false;  // the decode answer is a success: scan it for tokens
   // An nginx-generated error page being replaced with OpenAI-style JSON (pool memory).
   ngx_str_t json_error{};
   bool json_error_sent = false;
@@ -56,13 +94,114 @@ Ctx* get_ctx(ngx_http_request_t* r) {
   return static_cast<Ctx*>(ngx_http_get_module_ctx(r, ngx_http_omni_proxy_module));
 }
 
-void destroy_state(void* data) noexcept { delete static_cast<State*>(data); }
+// ---------------------------------------------------------------------------------------------
+// Lifecycle and limits
+// ---------------------------------------------------------------------------------------------
+
+// This worker's wait queues, one per limit group, and the timer that retries them (capacity
+// freed by other workers is noticed at the next tick).
+constexpr ngx_msec_t kQueueTick = 20;
+struct WaitQueues {
+  std::vector<ngx_queue_t> groups;
+  std::size_t waiting = 0;
+  ngx_event_t tick{};
+};
+
+WaitQueues& wait_queues() {
+  static WaitQueues q;
+  return q;
+}
+
+void enter(State& st, omni::Stage stage) noexcept {
+  const std::uint64_t now = omni::monotonic_now_ns();
+  if (!omni::accepted(st.timeline.enter(stage, now))) return;
+  if (st.slot) {
+    if (omni::SharedState* ss = shared_state()) ss->set_stage(*st.slot, stage, now);
+  }
+}
+
+void sync_backends(State& st) noexcept {
+  if (!st.slot) return;
+  omni::SharedState* ss = shared_state();
+  if (ss == nullptr) return;
+  auto idx = [](std::int32_t b) {
+    return b < 0 ? omni::kNoBackend : static_cast<std::uint16_t>(b);
+  };
+  ss->set_backends(*st.slot, idx(st.prefill_backend), idx(st.decode_backend));
+}
+
+void leave_group(State& st) noexcept;
+
+// Ends the lifecycle: done, token counts, slot and limit group released. Idempotent; runs in
+// the log phase (so the access log sees a finished request) and again, harmlessly, when the
+// request's pool is destroyed.
+void finish(State& st) noexcept {
+  if (st.finished) return;
+  st.finished = true;
+  if (st.scanner) {
+    try {
+      st.scanner->finish();
+    } catch (...) {
+    }
+  }
+  omni::SharedState* ss = shared_state();
+  if (st.slot && ss != nullptr) {
+    if (st.scanner) {
+      ss->set_tokens(*st.slot, st.scanner->prompt_tokens(), 0, st.scanner->output_tokens());
+    }
+  }
+  enter(st, omni::Stage::kDone);
+  if (st.slot && ss != nullptr) ss->release(*st.slot);
+  st.slot.reset();
+  leave_group(st);
+}
+
+void destroy_state(void* data) noexcept {
+  auto* st = static_cast<State*>(data);
+  finish(*st);
+  delete st;
+}
+
+void dispatch_group(std::size_t group) noexcept;
+
+void leave_group(State& st) noexcept {
+  const LocConf* lcf = st.lcf;
+  omni::SharedState* ss = shared_state();
+  if (lcf == nullptr || lcf->group < 0 || ss == nullptr) return;
+  const auto group = static_cast<std::uint16_t>(lcf->group);
+  if (st.queue_timer.timer_set) ngx_del_timer(&st.queue_timer);
+  if (st.admitted == Admitted::kQueued) {
+    ngx_queue_remove(&st.queue);
+    --wait_queues().waiting;
+    ss->unqueue(ngx_pid, group, false);
+  } else if (st.admitted == Admitted::kInflight) {
+    ss->leave(ngx_pid, group);
+    st.admitted = Admitted::kNone;
+    dispatch_group(group);  // a place is free: this worker's next waiter takes it
+    return;
+  }
+  st.admitted = Admitted::kNone;
+}
+
+}  // namespace
 
 ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
-                     const std::string& param = {}) {
+                     const std::string& param, unsigned retry_after_s) {
+  if (retry_after_s > 0) {
+    auto* h = static_cast<ngx_table_elt_t*>(ngx_list_push(&r->headers_out.headers));
+    if (h == nullptr) return NGX_ERROR;
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.data = static_cast<u_char*>(ngx_pnalloc(r->pool, NGX_INT_T_LEN));
+    if (h->value.data == nullptr) return NGX_ERROR;
+    h->value.len = static_cast<size_t>(ngx_sprintf(h->value.data, "%ui", retry_after_s) -
+                                       h->value.data);
+  }
   return send_json(r, status, omni::openai_error_body(static_cast<int>(status), message, {},
                                                       param));
 }
+
+namespace {
 
 // The whole client body as one string, from memory buffers or nginx's temporary file.
 bool collect_body(ngx_http_request_t* r, std::string& out) {
@@ -187,6 +326,22 @@ ngx_int_t reinit_request(ngx_http_request_t* r) noexcept {
   return NGX_OK;
 }
 
+// The decode (or aggregated) leg's answer began: the request is decoding; a successful
+// answer is scanned for token counts as it streams to the client.
+void decode_header_done(ngx_http_request_t* r) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || ctx->leg != Leg::kDecode || r != r->main || ctx->state == nullptr) return;
+  State& st = *ctx->state;
+  enter(st, omni::Stage::kDecoding);
+  if (r->upstream->headers_in.status_n == NGX_HTTP_OK && st.parsed) {
+    try {
+      st.scanner.emplace(st.parsed->features.stream);
+      ctx->scanning = true;
+    } catch (...) {
+    }
+  }
+}
+
 ngx_int_t process_header(ngx_http_request_t* r) noexcept {
   ngx_http_upstream_t* u = r->upstream;
   auto* umcf = static_cast<ngx_http_upstream_main_conf_t*>(
@@ -223,6 +378,7 @@ ngx_int_t process_header(ngx_http_request_t* r) noexcept {
     }
     if (rc == NGX_HTTP_PARSE_HEADER_DONE) {
       if (u->headers_in.chunked) u->headers_in.content_length_n = -1;
+      decode_header_done(r);
       if (u->headers_in.status_n == NGX_HTTP_NO_CONTENT ||
           u->headers_in.status_n == NGX_HTTP_NOT_MODIFIED ||
           (!u->headers_in.chunked && u->headers_in.content_length_n == 0)) {
@@ -359,7 +515,55 @@ ngx_int_t input_filter_init(void* data) noexcept {
 }
 
 void abort_request(ngx_http_request_t*) noexcept {}
-void finalize_request(ngx_http_request_t*, ngx_int_t) noexcept {}
+
+// Ends a leg's upstream request from outside: nginx then runs its own error path for that leg
+// (no retry: tries is set to 1), which answers or ends the client's response.
+void cancel_leg(ngx_http_request_t* leg_r) noexcept {
+  ngx_http_upstream_t* u = leg_r->upstream;
+  if (u == nullptr || u->cleanup == nullptr) return;  // not started, or already finalized
+  u->peer.tries = 1;
+  ngx_connection_t* c = u->peer.connection;
+  if (c == nullptr || c->fd == NGX_INVALID_FILE) return;
+  ::shutdown(c->fd, SHUT_RDWR);
+  ngx_post_event(c->read, &ngx_posted_events);
+  ngx_post_event(c->write, &ngx_posted_events);
+}
+
+// An error as one SSE event, for a stream that already started.
+void send_sse_error(ngx_http_request_t* r, int status, const std::string& message) noexcept try {
+  const std::string event =
+      "data: " + omni::openai_error_body(status, message) + "\n\n";
+  auto* b = ngx_create_temp_buf(r->pool, event.size());
+  if (b == nullptr) return;
+  b->last = ngx_cpymem(b->pos, event.data(), event.size());
+  b->flush = 1;
+  b->last_buf = 1;  // the chunked encoding ends properly; nginx then closes the connection
+  ngx_chain_t out{b, nullptr};
+  (void)ngx_http_output_filter(r, &out);
+} catch (...) {
+  log_exception(r->connection->log, "send_sse_error");
+}
+
+void finalize_request(ngx_http_request_t* r, ngx_int_t rc) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || ctx->state == nullptr || ctx->leg != Leg::kDecode || r != r->main) return;
+  State& st = *ctx->state;
+  st.decode_done = true;
+  const bool failed = rc == NGX_ERROR || rc >= NGX_HTTP_SPECIAL_RESPONSE;
+  // Parallel P/D: a decode that failed leaves no use for its prefill.
+  if (failed && st.prefill_sr != nullptr && !st.prefill_done) cancel_leg(st.prefill_sr);
+  if (failed && rc != NGX_HTTP_CLIENT_CLOSED_REQUEST && rc != NGX_HTTP_REQUEST_TIME_OUT &&
+      r->upstream->header_sent && !r->connection->error && st.parsed &&
+      st.parsed->features.stream) {
+    std::string why = st.error_message;
+    if (why.empty()) {
+      why = rc == NGX_HTTP_GATEWAY_TIME_OUT ? "the decode engine stopped answering in time"
+                                            : "the decode engine failed while streaming";
+    }
+    const int status = rc == NGX_HTTP_GATEWAY_TIME_OUT ? 504 : 502;
+    send_sse_error(r, status, why);
+  }
+}
 
 // Sets up this request's leg: an upstream request to the leg's pool. The caller then starts it
 // with ngx_http_upstream_init().
@@ -395,8 +599,18 @@ void start_leg(ngx_http_request_t* r, Ctx* ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sequential P/D
+// P/D
 // ---------------------------------------------------------------------------------------------
+
+// The message of an engine's OpenAI-style error body, if it is one.
+std::string engine_error_message(const std::string& body) {
+  auto j = nlohmann::json::parse(body, nullptr, false);
+  if (j.is_object() && j.contains("error") && j["error"].is_object() &&
+      j["error"].contains("message") && j["error"]["message"].is_string()) {
+    return j["error"]["message"].get<std::string>();
+  }
+  return {};
+}
 
 ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcept {
   auto* state = static_cast<State*>(data);
@@ -413,11 +627,28 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
       state->prefill_rc = NGX_ERROR;
     }
   }
+  const bool ok = state->prefill_rc == NGX_OK && state->prefill_status == NGX_HTTP_OK;
+  if (state->lcf->mode == kModeParallel) {
+    // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
+    if (!ok && !state->decode_done) {
+      try {
+        std::string why = "the prefill leg failed";
+        if (state->prefill_status != 0) why += " with HTTP " + std::to_string(state->prefill_status);
+        const std::string msg = engine_error_message(state->prefill_response);
+        if (!msg.empty()) why += ": " + msg;
+        state->error_message = std::move(why);
+      } catch (...) {
+      }
+      cancel_leg(state->r);
+    }
+    return rc;
+  }
+  enter(*state, omni::Stage::kWaitingDecode);
   return rc;
 }
 
-// The client request's write handler while the prefill subrequest runs: continues with the
-// decode leg once the prefill finished.
+// The client request's write handler while the sequential prefill subrequest runs: continues
+// with the decode leg once the prefill finished.
 void after_prefill(ngx_http_request_t* r) noexcept try {
   Ctx* ctx = get_ctx(r);
   if (ctx == nullptr || !ctx->state->prefill_done) return;
@@ -426,11 +657,8 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   if (st.prefill_rc != NGX_OK || st.prefill_status != NGX_HTTP_OK) {
     std::string why = "the prefill leg failed";
     if (st.prefill_status != 0) why += " with HTTP " + std::to_string(st.prefill_status);
-    auto body = nlohmann::json::parse(st.prefill_response, nullptr, false);
-    if (body.is_object() && body.contains("error") && body["error"].is_object() &&
-        body["error"].contains("message") && body["error"]["message"].is_string()) {
-      why += ": " + body["error"]["message"].get<std::string>();
-    }
+    const std::string msg = engine_error_message(st.prefill_response);
+    if (!msg.empty()) why += ": " + msg;
     // A client error the engine reported stays a client error.
     const ngx_uint_t status =
         st.prefill_status >= 400 && st.prefill_status < 500 ? st.prefill_status
@@ -444,7 +672,10 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
         r, send_error(r, NGX_HTTP_BAD_GATEWAY, "the prefill leg answered: " + kv.error().message));
     return;
   }
+  st.prefill_response.clear();
+  st.prefill_response.shrink_to_fit();
   st.decode_body = omni::vllm_decode_body(*st.parsed, kv->has_value() ? &**kv : nullptr);
+  enter(st, omni::Stage::kDecodeScheduled);
   ctx->leg = Leg::kDecode;
   ctx->body = &st.decode_body;
   start_leg(r, ctx);
@@ -453,13 +684,220 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
 }
 
+// Starts the prefill leg as a subrequest of the client request. `background`: it runs beside
+// the client request's own leg (parallel) instead of before it (sequential).
+bool start_prefill(ngx_http_request_t* r, State& st, const std::string* body, bool background,
+                   std::int32_t forced) {
+  auto* ps = static_cast<ngx_http_post_subrequest_t*>(
+      ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t)));
+  if (ps == nullptr) return false;
+  ps->handler = prefill_done;
+  ps->data = &st;
+  ngx_http_request_t* sr = nullptr;
+  ngx_uint_t flags = NGX_HTTP_SUBREQUEST_IN_MEMORY | NGX_HTTP_SUBREQUEST_CLONE;
+  if (background) flags |= NGX_HTTP_SUBREQUEST_BACKGROUND;
+  if (ngx_http_subrequest(r, &r->uri, &r->args, &sr, ps, flags) != NGX_OK) return false;
+  auto* sctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+  if (sctx == nullptr) return false;
+  sctx->state = &st;
+  sctx->leg = Leg::kPrefill;
+  sctx->body = body;
+  sctx->forced = forced;
+  ngx_http_set_ctx(sr, sctx, ngx_http_omni_proxy_module);
+  st.prefill_sr = sr;
+  return true;
+}
+
+std::uint64_t random_room() {
+  static std::mt19937_64 rng(std::random_device{}() ^
+                             (static_cast<std::uint64_t>(ngx_pid) << 32) ^
+                             static_cast<std::uint64_t>(ngx_current_msec));
+  return rng() & omni::kMaxBootstrapRoom;
+}
+
+// Parallel P/D: picks the prefill server, names it in the body, starts both legs.
+void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
+  State& st = *ctx->state;
+  const Pool* pool = find_pool(st.lcf->prefill.upstream);
+  const std::int32_t server = pool != nullptr ? choose_server(*pool, st.request_hash) : -1;
+  if (server < 0) {
+    ngx_http_finalize_request(
+        r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, "no prefill server is available", {}, 1));
+    return;
+  }
+  const Pool::Server& p = pool->servers[static_cast<std::size_t>(server)];
+  std::uint16_t port = 0;
+  if (omni::SharedState* ss = shared_state()) {
+    port = ss->bootstrap_port(static_cast<std::uint16_t>(pool->base + server));
+  }
+  if (port == 0) port = static_cast<std::uint16_t>(st.lcf->bootstrap_port);
+  std::vector<std::uint64_t> rooms(st.parsed->features.batch_size);
+  for (auto& room : rooms) room = random_room();
+  auto body = omni::sglang_bootstrap_body(*st.parsed, p.host, port, rooms);
+  if (!body.ok()) {
+    ngx_http_finalize_request(r, send_json(r, static_cast<ngx_uint_t>(body.error().status),
+                                           body.error().to_json()));
+    return;
+  }
+  st.decode_body = std::move(*body);
+  enter(st, omni::Stage::kPrefillScheduled);
+  if (!start_prefill(r, st, &st.decode_body, true, server)) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  ctx->leg = Leg::kDecode;
+  ctx->body = &st.decode_body;
+  start_leg(r, ctx);
+}
+
+// Runs the request's legs; it has its place (admitted, or no limit).
+void proceed(ngx_http_request_t* r) noexcept try {
+  Ctx* ctx = get_ctx(r);
+  State& st = *ctx->state;
+  enter(st, omni::Stage::kWaitingPrefill);
+  switch (st.lcf->mode) {
+    case kModeAggregated:
+      enter(st, omni::Stage::kPrefillScheduled);
+      ctx->leg = Leg::kDecode;
+      ctx->body = &st.client_body;  // forwarded as the client sent it
+      start_leg(r, ctx);
+      return;
+    case kModeParallel:
+      start_parallel(r, ctx);
+      return;
+    default:
+      break;
+  }
+  // Sequential: the prefill leg first; the decode leg starts in after_prefill.
+  st.prefill_body = omni::vllm_prefill_body(*st.parsed);
+  enter(st, omni::Stage::kPrefillScheduled);
+  if (!start_prefill(r, st, &st.prefill_body, false, -1)) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  r->write_event_handler = after_prefill;
+} catch (...) {
+  log_exception(r->connection->log, "proceed");
+  ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wait queues
+// ---------------------------------------------------------------------------------------------
+
+void queue_tick(ngx_event_t* ev) noexcept {
+  WaitQueues& q = wait_queues();
+  for (std::size_t g = 0; g < q.groups.size(); ++g) dispatch_group(g);
+  if (q.waiting > 0 && !ev->timer_set) ngx_add_timer(ev, kQueueTick);
+}
+
+// Moves this worker's waiters of `group` into free in-flight places, oldest first.
+void dispatch_group(std::size_t group) noexcept {
+  WaitQueues& q = wait_queues();
+  omni::SharedState* ss = shared_state();
+  if (ss == nullptr || group >= q.groups.size()) return;
+  ngx_queue_t* head = &q.groups[group];
+  while (!ngx_queue_empty(head)) {
+    State* st = ngx_queue_data(ngx_queue_head(head), State, queue);
+    if (!ss->promote(ngx_pid, static_cast<std::uint16_t>(group),
+                     static_cast<std::uint32_t>(st->lcf->max_inflight))) {
+      break;
+    }
+    ngx_queue_remove(&st->queue);
+    --q.waiting;
+    st->admitted = Admitted::kInflight;
+    if (st->queue_timer.timer_set) ngx_del_timer(&st->queue_timer);
+    ngx_http_request_t* r = st->r;
+    r->read_event_handler = ngx_http_block_reading;
+    ngx_connection_t* c = r->connection;
+    proceed(r);
+    ngx_http_run_posted_requests(c);
+  }
+}
+
+void queue_timeout(ngx_event_t* ev) noexcept {
+  auto* st = static_cast<State*>(ev->data);
+  omni::SharedState* ss = shared_state();
+  if (st->admitted != Admitted::kQueued) return;
+  ngx_queue_remove(&st->queue);
+  --wait_queues().waiting;
+  st->admitted = Admitted::kNone;
+  if (ss != nullptr) ss->unqueue(ngx_pid, static_cast<std::uint16_t>(st->lcf->group), true);
+  ngx_http_request_t* r = st->r;
+  ngx_connection_t* c = r->connection;
+  r->read_event_handler = ngx_http_block_reading;
+  ngx_http_finalize_request(
+      r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                    "the request waited " + std::to_string(st->lcf->queue_timeout) +
+                        " ms in the queue without getting a place; try again later",
+                    {}, 1));
+  ngx_http_run_posted_requests(c);
+}
+
+// Admits the request to its location's limit group: runs it, queues it, or refuses it (429).
+void admit(ngx_http_request_t* r, State& st) {
+  omni::SharedState* ss = shared_state();
+  const LocConf& lcf = *st.lcf;
+  if (lcf.group < 0 || ss == nullptr) {
+    proceed(r);
+    return;
+  }
+  const auto group = static_cast<std::uint16_t>(lcf.group);
+  switch (ss->admit(ngx_pid, group, static_cast<std::uint32_t>(lcf.max_inflight),
+                    static_cast<std::uint32_t>(lcf.max_queue))) {
+    case omni::Admission::kAdmitted:
+      st.admitted = Admitted::kInflight;
+      proceed(r);
+      return;
+    case omni::Admission::kRejected:
+      ngx_http_finalize_request(
+          r, send_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                        "too many requests: " + std::to_string(lcf.max_inflight) +
+                            " in flight and " + std::to_string(lcf.max_queue) +
+                            " waiting; try again later",
+                        {}, 1));
+      return;
+    case omni::Admission::kQueued:
+      break;
+  }
+  WaitQueues& q = wait_queues();
+  if (q.groups.empty()) {
+    // Sized once per worker: queued requests point at their group's sentinel.
+    const Registry* reg = registry();
+    q.groups.resize(reg != nullptr ? reg->groups.size() : 0);
+    for (ngx_queue_t& g : q.groups) {
+      ngx_queue_init(&g);
+    }
+  }
+  if (group >= q.groups.size()) {
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  st.admitted = Admitted::kQueued;
+  ngx_queue_insert_tail(&q.groups[group], &st.queue);
+  ++q.waiting;
+  enter(st, omni::Stage::kWaitingPrefill);
+  st.queue_timer.handler = queue_timeout;
+  st.queue_timer.data = &st;
+  st.queue_timer.log = r->connection->log;
+  ngx_add_timer(&st.queue_timer, lcf.queue_timeout);
+  if (!q.tick.timer_set) {
+    q.tick.handler = queue_tick;
+    q.tick.log = ngx_cycle->log;
+    q.tick.data = &q;
+    q.tick.cancelable = 1;
+    ngx_add_timer(&q.tick, kQueueTick);
+  }
+  // A client that hangs up while waiting is noticed, and its request finalized (499).
+  r->read_event_handler = ngx_http_test_reading;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The client request
 // ---------------------------------------------------------------------------------------------
 
 void body_ready(ngx_http_request_t* r) noexcept try {
   Ctx* ctx = get_ctx(r);
-  auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
   State& st = *ctx->state;
   if (!collect_body(r, st.client_body)) {
     ngx_http_finalize_request(r, send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
@@ -467,7 +905,7 @@ void body_ready(ngx_http_request_t* r) noexcept try {
     return;
   }
   omni::ParseOptions options;
-  options.max_body_bytes = lcf->max_body_size;
+  options.max_body_bytes = st.lcf->max_body_size;
   auto parsed = omni::parse_request_body(st.api, st.client_body, options);
   if (!parsed.ok()) {
     ngx_http_finalize_request(r, send_json(r, static_cast<ngx_uint_t>(parsed.error().status),
@@ -475,41 +913,10 @@ void body_ready(ngx_http_request_t* r) noexcept try {
     return;
   }
   st.parsed.emplace(std::move(*parsed));
-  st.request_id = request_id(r);
-
-  if (lcf->mode == kModeAggregated) {
-    ctx->leg = Leg::kDecode;
-    ctx->body = &st.client_body;  // forwarded as the client sent it
-    start_leg(r, ctx);
-    return;
-  }
-
-  // Sequential: the prefill leg first.
-  st.prefill_body = omni::vllm_prefill_body(*st.parsed);
-  auto* ps = static_cast<ngx_http_post_subrequest_t*>(
-      ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t)));
-  if (ps == nullptr) {
-    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-    return;
-  }
-  ps->handler = prefill_done;
-  ps->data = &st;
-  ngx_http_request_t* sr = nullptr;
-  if (ngx_http_subrequest(r, &r->uri, &r->args, &sr, ps,
-                          NGX_HTTP_SUBREQUEST_IN_MEMORY | NGX_HTTP_SUBREQUEST_CLONE) != NGX_OK) {
-    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-    return;
-  }
-  auto* sctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
-  if (sctx == nullptr) {
-    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-    return;
-  }
-  sctx->state = &st;
-  sctx->leg = Leg::kPrefill;
-  sctx->body = &st.prefill_body;
-  ngx_http_set_ctx(sr, sctx, ngx_http_omni_proxy_module);
-  r->write_event_handler = after_prefill;
+  // Stages this release does not implement yet (tokenize, APC match) take no time.
+  enter(st, omni::Stage::kTokenized);
+  enter(st, omni::Stage::kApcMatched);
+  admit(r, st);
 } catch (...) {
   log_exception(r->connection->log, "body_ready");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
@@ -543,11 +950,15 @@ ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   }
   const auto status = static_cast<int>(r->err_status);
   std::string message;
-  switch (status) {
-    case NGX_HTTP_BAD_GATEWAY: message = "the engine could not be reached or failed"; break;
-    case NGX_HTTP_GATEWAY_TIME_OUT: message = "the engine did not answer in time"; break;
-    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE: message = "the request body is too large"; break;
-    default: message = "the request failed with HTTP " + std::to_string(status); break;
+  if (ctx->state != nullptr && !ctx->state->error_message.empty()) {
+    message = ctx->state->error_message;
+  } else {
+    switch (status) {
+      case NGX_HTTP_BAD_GATEWAY: message = "the engine could not be reached or failed"; break;
+      case NGX_HTTP_GATEWAY_TIME_OUT: message = "the engine did not answer in time"; break;
+      case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE: message = "the request body is too large"; break;
+      default: message = "the request failed with HTTP " + std::to_string(status); break;
+    }
   }
   const std::string body = omni::openai_error_body(status, message);
   ctx->json_error.data = static_cast<u_char*>(ngx_pnalloc(r->pool, body.size()));
@@ -568,9 +979,32 @@ ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   return NGX_ERROR;
 }
 
+// Notes the first output byte (TTFT) and feeds the token scanner.
+void observe_body(State& st, ngx_chain_t* in) noexcept {
+  for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) {
+    ngx_buf_t* b = cl->buf;
+    if (b == nullptr || b->in_file || b->last <= b->pos) continue;
+    if (st.first_token_ns == 0) {
+      st.first_token_ns = omni::monotonic_now_ns();
+      if (st.slot) {
+        if (omni::SharedState* ss = shared_state()) ss->set_first_token(*st.slot, st.first_token_ns);
+      }
+    }
+    try {
+      st.scanner->feed(std::string_view(reinterpret_cast<const char*>(b->pos),
+                                        static_cast<std::size_t>(b->last - b->pos)));
+    } catch (...) {
+    }
+  }
+}
+
 ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
   Ctx* ctx = get_ctx(r);
-  if (ctx == nullptr || r != r->main || ctx->json_error.len == 0) return next_body_filter(r, in);
+  if (ctx == nullptr || r != r->main) return next_body_filter(r, in);
+  if (ctx->json_error.len == 0) {
+    if (ctx->scanning && ctx->state != nullptr && ctx->state->scanner) observe_body(*ctx->state, in);
+    return next_body_filter(r, in);
+  }
   for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) cl->buf->pos = cl->buf->last;
   if (ctx->json_error_sent) return NGX_OK;
   ctx->json_error_sent = true;
@@ -582,6 +1016,18 @@ ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
   b->last_buf = 1;
   ngx_chain_t out{b, nullptr};
   return next_body_filter(r, &out);
+}
+
+// The log phase of our requests: the lifecycle ends before the access log reads it.
+ngx_int_t log_handler(ngx_http_request_t* r) noexcept {
+  if (r != r->main) return NGX_OK;
+  Ctx* ctx = get_ctx(r);
+  if (ctx != nullptr && ctx->state != nullptr) finish(*ctx->state);
+  return NGX_OK;
+}
+
+std::uint64_t hash_id(const std::string& id) {
+  return std::hash<std::string>{}(id);
 }
 
 }  // namespace
@@ -607,6 +1053,12 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
   cln->handler = destroy_state;
   cln->data = ctx->state;
   ngx_http_set_ctx(r, ctx, ngx_http_omni_proxy_module);
+  State& st = *ctx->state;
+  st.r = r;
+  st.lcf = lcf;
+  st.request_id = request_id(r);
+  st.request_hash = hash_id(st.request_id);
+  st.timeline.enter(omni::Stage::kReceived, omni::monotonic_now_ns());
 
   auto api = api_for(r->uri);
   if (!api) {
@@ -617,7 +1069,7 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
     return send_error(r, NGX_HTTP_NOT_FOUND,
                       "sequential P/D serves /v1/completions and /v1/chat/completions");
   }
-  ctx->state->api = *api;
+  st.api = *api;
   if (r->method != NGX_HTTP_POST) {
     ngx_int_t rc = ngx_http_discard_request_body(r);
     if (rc != NGX_OK) return rc;
@@ -634,6 +1086,18 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
     return send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
                       "the request body is larger than " + std::to_string(lcf->max_body_size) +
                           " bytes");
+  }
+  // A slot of the shared state: the hard bound on requests in flight over all workers.
+  if (omni::SharedState* ss = shared_state()) {
+    st.slot = ss->acquire(ngx_pid, st.timeline.at_ns(omni::Stage::kReceived), st.request_hash);
+    if (!st.slot) {
+      ngx_int_t rc = ngx_http_discard_request_body(r);
+      if (rc != NGX_OK) return rc;
+      return send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                        "all " + std::to_string(ss->capacity()) +
+                            " request slots of the proxy are in use; try again later",
+                        {}, 1);
+    }
   }
   ngx_int_t rc = ngx_http_read_client_request_body(r, body_ready);
   if (rc >= NGX_HTTP_SPECIAL_RESPONSE) return rc;
@@ -660,12 +1124,83 @@ ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view b
   return ngx_http_output_filter(r, &out);
 }
 
-ngx_int_t install_filters() noexcept {
+ngx_int_t install_filters(ngx_conf_t* cf) noexcept {
   next_header_filter = ngx_http_top_header_filter;
   ngx_http_top_header_filter = header_filter;
   next_body_filter = ngx_http_top_body_filter;
   ngx_http_top_body_filter = body_filter;
+  // Our log handler goes first in the log phase, before the access log reads our variables.
+  auto* cmcf = static_cast<ngx_http_core_main_conf_t*>(
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module));
+  ngx_array_t& handlers = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers;
+  auto* h = static_cast<ngx_http_handler_pt*>(ngx_array_push(&handlers));
+  if (h == nullptr) return NGX_ERROR;
+  auto* elts = static_cast<ngx_http_handler_pt*>(handlers.elts);
+  for (ngx_uint_t i = handlers.nelts - 1; i > 0; --i) elts[i] = elts[i - 1];
+  elts[0] = log_handler;
   return NGX_OK;
+}
+
+void proxy_exit_process() noexcept {
+  WaitQueues& q = wait_queues();
+  if (q.tick.timer_set) ngx_del_timer(&q.tick);
+}
+
+// --- Hooks for the balancer and the variables --------------------------------------------------
+
+bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || ctx->state == nullptr || ctx->leg == Leg::kNone) return false;
+  out.request_hash = ctx->state->request_hash;
+  out.forced = ctx->leg == Leg::kPrefill ? ctx->forced : -1;
+  return true;
+}
+
+void leg_peer_chosen(ngx_http_request_t* r, const Pool& pool, std::int32_t server) noexcept {
+  Ctx* ctx = get_ctx(r);
+  if (ctx == nullptr || ctx->state == nullptr || server < 0) return;
+  State& st = *ctx->state;
+  const std::int32_t backend = pool.base + server;
+  omni::SharedState* ss = shared_state();
+  const bool aggregated = st.lcf->mode == kModeAggregated;
+  if (ctx->leg == Leg::kPrefill || aggregated) {
+    if (st.prefill_backend >= 0 && st.prefill_backend != backend && ss != nullptr) {
+      ss->count_retry(static_cast<std::uint16_t>(st.prefill_backend));
+    }
+    st.prefill_backend = backend;
+    if (aggregated) st.decode_backend = backend;
+    sync_backends(st);
+    enter(st, omni::Stage::kPrefilling);
+  } else {
+    if (st.decode_backend >= 0 && st.decode_backend != backend && ss != nullptr) {
+      ss->count_retry(static_cast<std::uint16_t>(st.decode_backend));
+    }
+    st.decode_backend = backend;
+    sync_backends(st);
+  }
+}
+
+void leg_peer_released(ngx_http_request_t*, const Pool& pool, std::int32_t server,
+                       ngx_uint_t state) noexcept {
+  if (!(state & NGX_PEER_FAILED)) return;
+  if (omni::SharedState* ss = shared_state()) {
+    ss->count_error(static_cast<std::uint16_t>(pool.base + server));
+  }
+}
+
+bool request_view(ngx_http_request_t* r, RequestView& out) noexcept {
+  Ctx* ctx = get_ctx(r->main);
+  if (ctx == nullptr || ctx->state == nullptr) return false;
+  const State& st = *ctx->state;
+  out.request_id = st.request_id.data();
+  out.request_id_len = st.request_id.size();
+  out.timeline = &st.timeline;
+  out.first_token_ns = st.first_token_ns;
+  out.prompt_tokens = st.scanner ? st.scanner->prompt_tokens() : 0;
+  out.output_tokens = st.scanner ? st.scanner->output_tokens() : 0;
+  out.prefill_backend = st.prefill_backend;
+  out.decode_backend = st.decode_backend;
+  return true;
 }
 
 }  // namespace omni::ngx

@@ -68,6 +68,11 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+UPSTREAMS = """
+    upstream p { server 127.0.0.1:1; }
+    upstream d { server 127.0.0.1:2; keepalive 4; }
+"""
+LOC = "    server { listen 127.0.0.1:PORT; location /v1/ { omni_proxy; %s } }"
 UNUSED = "    server { listen 127.0.0.1:PORT; location / { return 204; } }"
 MINIMAL = """
     omni_proxy_zone omni 4m;
@@ -105,7 +110,12 @@ class NginxModuleTest(unittest.TestCase):
             first = self._status(n.port)
             self.assertEqual(first["zone"]["name"], "omni")
             self.assertEqual(first["zone"]["size"], 4 * 1024 * 1024)
-            self.assertGreater(first["zone"]["free_bytes"], 0)
+            self.assertGreaterEqual(first["zone"]["free_bytes"], 0)
+            self.assertGreater(first["zone"]["state_bytes"], 3 * 1024 * 1024)
+            # Every byte the state does not need for its fixed parts becomes a request slot.
+            self.assertGreater(first["slots"]["capacity"], 15000)
+            self.assertEqual(first["slots"]["bytes_per_slot"], 192)
+            self.assertEqual(first["slots"]["used"], 0)
             self.assertEqual(first["zone"]["generation"], 0)
             self.assertEqual(n.run("-s", "reload").returncode, 0)
             self.assertTrue(wait_until(
@@ -139,6 +149,38 @@ class NginxModuleTest(unittest.TestCase):
              "omni_proxy_status", "invalid number of arguments"),
             ("    server { listen 127.0.0.1:PORT; omni_proxy_status; }",
              "omni_proxy_status", "not allowed here"),
+            (UPSTREAMS + LOC % "omni_proxy_mode parallel; omni_proxy_engine vllm; "
+             "omni_proxy_prefill_upstream p; omni_proxy_decode_upstream d;",
+             "omni_proxy_mode parallel", "needs \"omni_proxy_engine sglang\""),
+            (UPSTREAMS + LOC % "omni_proxy_mode sequential; omni_proxy_engine sglang; "
+             "omni_proxy_prefill_upstream p; omni_proxy_decode_upstream d;",
+             "omni_proxy_engine sglang", "cannot use"),
+            (UPSTREAMS + LOC % "omni_proxy_mode parallel; omni_proxy_decode_upstream d;",
+             "omni_proxy_mode parallel", "needs \"omni_proxy_prefill_upstream\""),
+            (UPSTREAMS + LOC % "omni_proxy_mode fast; omni_proxy_upstream d;",
+             "omni_proxy_mode", "invalid value \"fast\""),
+            (UPSTREAMS + LOC % "omni_proxy_engine tgi; omni_proxy_upstream d;",
+             "omni_proxy_engine", "invalid value \"tgi\""),
+            (UPSTREAMS + LOC % "omni_proxy_upstream d; omni_proxy_max_inflight 10;",
+             "omni_proxy_max_inflight", "needs \"omni_proxy_zone\""),
+            ("    omni_proxy_zone omni 1m;\n" + UPSTREAMS +
+             LOC % "omni_proxy_upstream d; omni_proxy_max_inflight -1;",
+             "omni_proxy_max_inflight", "must be an integer from 0 to"),
+            ("    omni_proxy_zone omni 1m;\n" + UPSTREAMS +
+             LOC % "omni_proxy_upstream d; omni_proxy_max_queue 5;",
+             "omni_proxy_max_queue", "needs \"omni_proxy_max_inflight\""),
+            (UPSTREAMS + LOC % "omni_proxy_upstream d; omni_proxy_bootstrap_port 70000;",
+             "omni_proxy_bootstrap_port", "must be an integer from 1 to 65535"),
+            ("    omni_proxy_zone omni 32k;\n    upstream many {\n" +
+             "".join("        server 127.0.0.1:%d;\n" % p for p in range(1, 61)) + "    }\n" +
+             LOC % "omni_proxy_upstream many;", "omni_proxy_zone", "too small"),
+            (UPSTREAMS + LOC % ("omni_proxy_mode sequential; omni_proxy_engine vllm; "
+                                "omni_proxy_prefill_upstream p; omni_proxy_decode_upstream d; "
+                                "} location /b/ { omni_proxy; omni_proxy_engine sglang; "
+                                "omni_proxy_upstream d;"),
+             "omni_proxy_engine", "used with both vllm and sglang"),
+            (UPSTREAMS + LOC % "omni_proxy_upstream d; omni_proxy_poll_interval 1s;",
+             "omni_proxy_poll_interval", "not allowed here"),
         ]
         for body, directive, message in cases:
             with self.subTest(directive=directive, message=message):

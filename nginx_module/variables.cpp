@@ -1,0 +1,158 @@
+// nginx variables for log_format: the request's lifecycle, peers and token counts.
+//   $omni_request_id          the X-Request-Id both legs carried
+//   $omni_stage_<stage>_ms    time spent in each stage (received .. decoding), milliseconds
+//   $omni_stages              all ten stages as name=ms pairs, comma-separated
+//   $omni_total_ms            received to done (or to now while running)
+//   $omni_ttft_ms             received to the first output byte sent to the client
+//   $omni_tpot_ms             time per output token after the first
+//   $omni_prefill_peer        the prefill server (sequential, parallel; aggregated: the server)
+//   $omni_decode_peer         the decode server
+//   $omni_prompt_tokens       from the engine's usage report
+//   $omni_output_tokens       from the usage report, else the count of streamed token events
+// A variable is empty ("-" in logs) when the request did not reach that point.
+#include "omni_module.hpp"
+
+#include <omni/lifecycle.hpp>
+
+#include <cstdio>
+#include <string>
+
+namespace omni::ngx {
+namespace {
+
+enum Var : uintptr_t {
+  kRequestId = 100,
+  kStages,
+  kTotal,
+  kTtft,
+  kTpot,
+  kPrefillPeer,
+  kDecodePeer,
+  kPromptTokens,
+  kOutputTokens,
+};
+
+ngx_int_t set_value(ngx_http_request_t* r, ngx_http_variable_value_t* v, const std::string& s) {
+  if (s.empty()) {
+    v->not_found = 1;
+    return NGX_OK;
+  }
+  auto* p = static_cast<u_char*>(ngx_pnalloc(r->pool, s.size()));
+  if (p == nullptr) return NGX_ERROR;
+  ngx_memcpy(p, s.data(), s.size());
+  v->data = p;
+  v->len = static_cast<unsigned>(s.size());
+  v->valid = 1;
+  v->no_cacheable = 1;
+  v->not_found = 0;
+  return NGX_OK;
+}
+
+std::string ms(double ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", ns / 1e6);
+  return buf;
+}
+
+// A stage's duration; for the current stage, up to now.
+std::optional<std::uint64_t> stage_ns(const omni::Timeline& t, omni::Stage s) {
+  if (auto d = t.duration_ns(s)) return d;
+  if (t.current() == s && s != omni::Stage::kDone) {
+    const std::uint64_t now = omni::monotonic_now_ns();
+    const std::uint64_t at = t.at_ns(s);
+    return now > at ? now - at : 0;
+  }
+  return std::nullopt;
+}
+
+ngx_int_t get(ngx_http_request_t* r, ngx_http_variable_value_t* v, uintptr_t data) noexcept try {
+  RequestView view{};
+  if (!request_view(r, view)) {
+    v->not_found = 1;
+    return NGX_OK;
+  }
+  const omni::Timeline& t = *view.timeline;
+  if (data < kRequestId) {  // a stage
+    const auto s = omni::stage_at(data);
+    if (!s) return set_value(r, v, {});
+    const auto d = stage_ns(t, *s);
+    return set_value(r, v, d ? ms(static_cast<double>(*d)) : std::string());
+  }
+  switch (static_cast<Var>(data)) {
+    case kRequestId:
+      return set_value(r, v, std::string(view.request_id, view.request_id_len));
+    case kStages: {
+      std::string out;
+      for (std::size_t i = 0; i < omni::kStageCount; ++i) {
+        const omni::Stage s = *omni::stage_at(i);
+        const auto d = stage_ns(t, s);
+        if (!d && s != omni::Stage::kDone) continue;
+        if (!out.empty()) out += ',';
+        out += std::string(omni::stage_name(s)) + "=" +
+               (s == omni::Stage::kDone ? std::string(t.reached(s) ? "1" : "0")
+                                        : ms(static_cast<double>(*d)));
+      }
+      return set_value(r, v, out);
+    }
+    case kTotal: {
+      auto d = t.age_ns(omni::monotonic_now_ns());
+      return set_value(r, v, d ? ms(static_cast<double>(*d)) : std::string());
+    }
+    case kTtft: {
+      auto d = t.ttft_ns(view.first_token_ns);
+      return set_value(r, v, d ? ms(static_cast<double>(*d)) : std::string());
+    }
+    case kTpot: {
+      auto d = t.tpot_ns(view.first_token_ns, view.output_tokens);
+      return set_value(r, v, d ? ms(*d) : std::string());
+    }
+    case kPrefillPeer:
+      return set_value(r, v, backend_name(view.prefill_backend));
+    case kDecodePeer:
+      return set_value(r, v, backend_name(view.decode_backend));
+    case kPromptTokens:
+      return set_value(r, v, view.prompt_tokens ? std::to_string(view.prompt_tokens) : "");
+    case kOutputTokens:
+      return set_value(r, v, std::to_string(view.output_tokens));
+  }
+  return set_value(r, v, {});
+} catch (...) {
+  log_exception(r->connection->log, "variable");
+  return NGX_ERROR;
+}
+
+}  // namespace
+
+ngx_int_t add_variables(ngx_conf_t* cf) noexcept try {
+  struct Def {
+    std::string name;
+    uintptr_t data;
+  };
+  std::vector<Def> defs = {
+      {"omni_request_id", kRequestId},     {"omni_stages", kStages},
+      {"omni_total_ms", kTotal},           {"omni_ttft_ms", kTtft},
+      {"omni_tpot_ms", kTpot},             {"omni_prefill_peer", kPrefillPeer},
+      {"omni_decode_peer", kDecodePeer},   {"omni_prompt_tokens", kPromptTokens},
+      {"omni_output_tokens", kOutputTokens},
+  };
+  for (std::size_t i = 0; i + 1 < omni::kStageCount; ++i) {
+    defs.push_back({"omni_stage_" + std::string(omni::stage_name(*omni::stage_at(i))) + "_ms", i});
+  }
+  for (const Def& d : defs) {
+    ngx_str_t name;
+    name.len = d.name.size();
+    name.data = static_cast<u_char*>(ngx_pnalloc(cf->pool, d.name.size()));
+    if (name.data == nullptr) return NGX_ERROR;
+    ngx_memcpy(name.data, d.name.data(), d.name.size());
+    ngx_http_variable_t* var = ngx_http_add_variable(cf, &name, NGX_HTTP_VAR_NOCACHEABLE);
+    if (var == nullptr) return NGX_ERROR;
+    var->get_handler = get;
+    var->data = d.data;
+  }
+  return NGX_OK;
+} catch (...) {
+  log_exception(cf->log, "add_variables");
+  return NGX_ERROR;
+}
+
+}  // namespace omni::ngx
