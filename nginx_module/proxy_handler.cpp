@@ -112,8 +112,8 @@ WaitQueues& wait_queues() {
   return q;
 }
 
-void enter(State& st, omni::Stage stage) noexcept {
-  const std::uint64_t now = omni::monotonic_now_ns();
+void enter(State& st, omni::Stage stage, std::uint64_t now = 0) noexcept {
+  if (now == 0) now = omni::monotonic_now_ns();
   if (!omni::accepted(st.timeline.enter(stage, now))) return;
   if (st.slot) {
     if (omni::SharedState* ss = shared_state()) ss->set_stage(*st.slot, stage, now);
@@ -914,8 +914,10 @@ void body_ready(ngx_http_request_t* r) noexcept try {
   }
   st.parsed.emplace(std::move(*parsed));
   // Stages this release does not implement yet (tokenize, APC match) take no time.
-  enter(st, omni::Stage::kTokenized);
-  enter(st, omni::Stage::kApcMatched);
+  const std::uint64_t now = omni::monotonic_now_ns();
+  enter(st, omni::Stage::kTokenized, now);
+  enter(st, omni::Stage::kApcMatched, now);
+  enter(st, omni::Stage::kWaitingPrefill, now);
   admit(r, st);
 } catch (...) {
   log_exception(r->connection->log, "body_ready");
