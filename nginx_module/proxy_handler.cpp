@@ -986,7 +986,8 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
   for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) {
     ngx_buf_t* b = cl->buf;
     if (b == nullptr || b->in_file || b->last <= b->pos) continue;
-    if (st.first_token_ns == 0) {
+    // TTFT and TPOT describe streams: a whole answer arrives at once.
+    if (st.first_token_ns == 0 && st.parsed && st.parsed->features.stream) {
       st.first_token_ns = omni::monotonic_now_ns();
       if (st.slot) {
         if (omni::SharedState* ss = shared_state()) ss->set_first_token(*st.slot, st.first_token_ns);

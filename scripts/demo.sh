@@ -110,7 +110,10 @@ events {
 }
 
 http {
-    log_format omni '\$remote_addr "\$request" \$status \$body_bytes_sent \$request_time s decode=\$upstream_addr';
+    log_format omni '\$remote_addr "\$request" \$status \$body_bytes_sent \$request_time s '
+                    'prefill=\$omni_prefill_peer decode=\$omni_decode_peer ttft_ms=\$omni_ttft_ms '
+                    'tpot_ms=\$omni_tpot_ms tokens=\$omni_prompt_tokens/\$omni_output_tokens '
+                    'stages_ms=\$omni_stages';
     access_log $run_dir/logs/access.log omni;
     client_body_temp_path $run_dir/tmp/client_body;
     proxy_temp_path $run_dir/tmp/proxy;
@@ -148,6 +151,10 @@ http {
 
         location = /omni/status {
             omni_proxy_status;
+            access_log off;
+        }
+        location = /metrics {
+            omni_proxy_metrics;
             access_log off;
         }
     }
@@ -211,7 +218,11 @@ served prefill "$((PREFILL_PORT + 1))"
 served decode "$DECODE_PORT"
 served decode "$((DECODE_PORT + 1))"
 echo
-echo "== nginx's access log: the client requests, each with the decode instance that answered =="
+echo "== the proxy's own metrics (GET /metrics): requests per instance and time to first token =="
+curl_ "http://127.0.0.1:$NGINX_PORT/metrics" |
+  grep -E '^omni_proxy_(backend_requests_total|ttft_seconds_(count|sum)|inflight_slots_)' || true
+echo
+echo "== nginx's access log: each request's prefill and decode instance, TTFT, TPOT, tokens, stages =="
 cat "$run_dir/logs/access.log"
 echo
 if grep -E '\[(alert|crit|emerg)\]' "$run_dir/logs/error.log" >&2; then
@@ -224,6 +235,7 @@ if [ "$seconds" = "0" ]; then exit 0; fi
 echo "demo: serving; try  curl -N http://127.0.0.1:$NGINX_PORT/v1/chat/completions \\"
 echo "        -d '{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"
 echo "      and  curl http://127.0.0.1:$NGINX_PORT/omni/status"
+echo "      and  curl http://127.0.0.1:$NGINX_PORT/metrics"
 if [ -n "$seconds" ]; then
   echo "demo: stopping in $seconds s"
   sleep "$seconds"

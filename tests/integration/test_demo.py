@@ -90,7 +90,8 @@ class DemoTest(unittest.TestCase):
         at = lines.index("== GET /omni/status ==")
         status = json.loads(lines[at + 1])
         self.assertEqual(status["zone"]["name"], "omni", report)
-        self.assertGreater(status["zone"]["free_bytes"], 0, report)
+        self.assertGreater(status["slots"]["capacity"], 50000, report)
+        self.assertEqual(status["slots"]["used"], 0, report)
         self.assertTrue(status["version"], report)
 
         # Each omni-sim instance's own counters: the three client requests each ran a prefill
@@ -114,7 +115,14 @@ class DemoTest(unittest.TestCase):
 
         # nginx logged the SDK's request, answered by a decode instance.
         self.assertRegex(out, r'"POST /v1/chat/completions HTTP/1\.1" 200 \d+ [\d.]+ s '
-                              r'decode=127\.0\.0\.1:(%d|%d)' % (decode_port, decode_port + 1))
+                              r'prefill=127\.0\.0\.1:(%d|%d) decode=127\.0\.0\.1:(%d|%d) '
+                              r'ttft_ms=[\d.]+ tpot_ms=[\d.]+ tokens=\d+/24 '
+                              r'stages_ms=received=[\d.]+,.*,done=1'
+                         % (prefill_port, prefill_port + 1, decode_port, decode_port + 1))
+        # The proxy's own metrics counted the requests per instance.
+        self.assertRegex(out, r'omni_proxy_backend_requests_total\{pool="decode",'
+                              r'backend="127\.0\.0\.1:\d+"\} [1-9]')
+        self.assertRegex(out, r'omni_proxy_ttft_seconds_count [2-9]')
 
         # The demo stopped nginx and omni-sim on its way out.
         for port in (nginx_port, prefill_port, prefill_port + 1, decode_port, decode_port + 1):
