@@ -158,7 +158,16 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
         (rrp->peers->number + 8 * sizeof(std::uintptr_t) - 1) / (8 * sizeof(std::uintptr_t));
     for (std::size_t w = 0; w < words; ++w) rrp->tried[w] &= ~marked[w];
   }
-  pd->current = (rc == NGX_OK || rc == NGX_DONE) ? server_of(rrp, *pd->pool) : -1;
+  pd->current = -1;
+  if (rc == NGX_OK || rc == NGX_DONE) {
+    pd->current = server_of(rrp, *pd->pool);
+    if (pd->current < 0 && pc->name != nullptr) {  // another balancer chose: find it by name
+      const std::string_view name(reinterpret_cast<const char*>(pc->name->data), pc->name->len);
+      for (std::size_t i = 0; i < pd->pool->servers.size(); ++i) {
+        if (pd->pool->servers[i].name == name) pd->current = static_cast<std::int32_t>(i);
+      }
+    }
+  }
   leg_peer_chosen(pd->r, *pd->pool, pd->current);
   return rc;
 }

@@ -105,6 +105,7 @@ struct WaitQueues {
   std::vector<ngx_queue_t> groups;
   std::size_t waiting = 0;
   ngx_event_t tick{};
+  ngx_event_t kick{};  // posted when a local request frees a place
 };
 
 WaitQueues& wait_queues() {
@@ -177,7 +178,12 @@ void leave_group(State& st) noexcept {
   } else if (st.admitted == Admitted::kInflight) {
     ss->leave(ngx_pid, group);
     st.admitted = Admitted::kNone;
-    dispatch_group(group);  // a place is free: this worker's next waiter takes it
+    // A place is free: this worker's next waiter takes it, from the event loop (not from
+    // inside this request's log phase or pool cleanup).
+    WaitQueues& q = wait_queues();
+    if (q.waiting > 0 && q.kick.handler != nullptr && !q.kick.posted) {
+      ngx_post_event(&q.kick, &ngx_posted_events);
+    }
     return;
   }
   st.admitted = Admitted::kNone;
@@ -785,10 +791,10 @@ void proceed(ngx_http_request_t* r) noexcept try {
 // Wait queues
 // ---------------------------------------------------------------------------------------------
 
-void queue_tick(ngx_event_t* ev) noexcept {
+void queue_tick(ngx_event_t*) noexcept {
   WaitQueues& q = wait_queues();
   for (std::size_t g = 0; g < q.groups.size(); ++g) dispatch_group(g);
-  if (q.waiting > 0 && !ev->timer_set) ngx_add_timer(ev, kQueueTick);
+  if (q.waiting > 0 && !q.tick.timer_set) ngx_add_timer(&q.tick, kQueueTick);
 }
 
 // Moves this worker's waiters of `group` into free in-flight places, oldest first.
@@ -881,6 +887,11 @@ void admit(ngx_http_request_t* r, State& st) {
   st.queue_timer.data = &st;
   st.queue_timer.log = r->connection->log;
   ngx_add_timer(&st.queue_timer, lcf.queue_timeout);
+  if (q.kick.handler == nullptr) {
+    q.kick.handler = queue_tick;
+    q.kick.log = ngx_cycle->log;
+    q.kick.data = &q;
+  }
   if (!q.tick.timer_set) {
     q.tick.handler = queue_tick;
     q.tick.log = ngx_cycle->log;
@@ -1147,6 +1158,7 @@ ngx_int_t install_filters(ngx_conf_t* cf) noexcept {
 void proxy_exit_process() noexcept {
   WaitQueues& q = wait_queues();
   if (q.tick.timer_set) ngx_del_timer(&q.tick);
+  if (q.kick.posted) ngx_delete_posted_event(&q.kick);
 }
 
 // --- Hooks for the balancer and the variables --------------------------------------------------

@@ -385,6 +385,42 @@ class NginxStateTest(unittest.TestCase):
         raise KeyError(location)
 
 
+class NginxOtherBalancerTest(unittest.TestCase):
+    """An upstream block with its own balancer (least_conn, then keepalive): nginx's choice
+    stands and the proxy still accounts every request to the server nginx chose."""
+
+    def test_least_conn_block_is_served_and_accounted(self):
+        sims = [Sim("--engine", "vllm"), Sim("--engine", "vllm")]
+        n = Nginx("""
+    omni_proxy_zone omni 1m;
+    upstream lc {{
+        least_conn;
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{b};
+        keepalive 4;
+    }}
+    server {{
+        listen 127.0.0.1:PORT;
+        location /v1/ {{ omni_proxy; omni_proxy_upstream lc; }}
+        location = /omni/status {{ omni_proxy_status; }}
+    }}
+""".format(a=sims[0].port(), b=sims[1].port()))
+        try:
+            self.assertEqual(n.run().returncode, 0)
+            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            for i in range(6):
+                r = post(n.port, "/v1/completions", {"prompt": "lc %d" % i, "max_tokens": 2})
+                self.assertEqual(r.status, 200, r.body)
+            st = status(n.port)
+            self.assertEqual(sum(b["requests_total"] for b in st["backends"]), 6)
+            self.assertEqual(st["slots"]["used"], 0)
+            self.assertEqual(n.errors(), [])
+        finally:
+            n.cleanup()
+            for s in sims:
+                s.stop()
+
+
 class NginxSlotsTest(unittest.TestCase):
     """A zone with few slots: running out gives 503 with Retry-After; a killed worker's slots
     come back."""
