@@ -440,9 +440,9 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   ngx_conf_merge_value(conf->metrics, prev->metrics, 0);
   ngx_conf_merge_value(conf->enable, prev->enable, 0);
   ngx_conf_merge_uint_value(conf->mode, prev->mode, omni::ngx::kModeAggregated);
-  ngx_conf_merge_uint_value(conf->engine, prev->engine,
-                            conf->mode == omni::ngx::kModeParallel ? omni::ngx::kEngineSglang
-                                                                   : omni::ngx::kEngineVllm);
+  // The engine's default depends on the mode of the location that proxies, so an unset
+  // engine stays unset through server-level merges and is resolved below.
+  if (conf->engine == NGX_CONF_UNSET_UINT) conf->engine = prev->engine;
   ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size, kDefaultMaxBodySize);
   ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout, 5000);
   ngx_conf_merge_msec_value(conf->prefill_timeout, prev->prefill_timeout, 300000);
@@ -458,6 +458,10 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
                  false);
   if (rc != NGX_CONF_OK) return rc;
   if (!conf->enable) return NGX_CONF_OK;
+  if (conf->engine == NGX_CONF_UNSET_UINT) {
+    conf->engine = conf->mode == omni::ngx::kModeParallel ? omni::ngx::kEngineSglang
+                                                          : omni::ngx::kEngineVllm;
+  }
 
   const bool aggregated = conf->mode == omni::ngx::kModeAggregated;
   if (conf->decode.upstream == nullptr) {

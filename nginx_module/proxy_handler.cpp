@@ -85,6 +85,7 @@ struct Ctx {
   ngx_http_status_t status{};
   ngx_http_chunked_t chunked{};
   bool scanning = false;  // the decode answer is a success: scan it for tokens
+  bool drain = false;     // a parallel prefill's successful answer: read and dropped
   // An nginx-generated error page being replaced with OpenAI-style JSON (pool memory).
   ngx_str_t json_error{};
   bool json_error_sent = false;
@@ -334,12 +335,27 @@ ngx_int_t reinit_request(ngx_http_request_t* r) noexcept {
 
 // The decode (or aggregated) leg's answer began: the request is decoding; a successful
 // answer is scanned for token counts as it streams to the client.
+void cancel_leg(ngx_http_request_t* leg_r) noexcept;
+
 void decode_header_done(ngx_http_request_t* r) noexcept {
   Ctx* ctx = get_ctx(r);
-  if (ctx == nullptr || ctx->leg != Leg::kDecode || r != r->main || ctx->state == nullptr) return;
+  if (ctx == nullptr || ctx->state == nullptr) return;
   State& st = *ctx->state;
+  const ngx_uint_t status = r->upstream->headers_in.status_n;
+  if (ctx->leg == Leg::kPrefill) {
+    // Parallel P/D only needs to know the prefill succeeded: its answer is not kept (it may
+    // hold every generated token).
+    if (st.lcf->mode == kModeParallel && status == NGX_HTTP_OK) ctx->drain = true;
+    return;
+  }
+  if (ctx->leg != Leg::kDecode || r != r->main) return;
   enter(st, omni::Stage::kDecoding);
-  if (r->upstream->headers_in.status_n == NGX_HTTP_OK && st.parsed) {
+  // A decode that answers with an error leaves no use for its parallel prefill, which would
+  // otherwise wait for this decode in its bootstrap queue.
+  if (status >= NGX_HTTP_BAD_REQUEST && st.prefill_sr != nullptr && !st.prefill_done) {
+    cancel_leg(st.prefill_sr);
+  }
+  if (status == NGX_HTTP_OK && st.parsed) {
     try {
       st.scanner.emplace(st.parsed->features.stream);
       ctx->scanning = true;
@@ -611,10 +627,13 @@ void start_leg(ngx_http_request_t* r, Ctx* ctx) {
 // The message of an engine's OpenAI-style error body, if it is one.
 std::string engine_error_message(const std::string& body) {
   auto j = nlohmann::json::parse(body, nullptr, false);
-  if (j.is_object() && j.contains("error") && j["error"].is_object() &&
-      j["error"].contains("message") && j["error"]["message"].is_string()) {
+  if (!j.is_object()) return {};
+  if (j.contains("error") && j["error"].is_object() && j["error"].contains("message") &&
+      j["error"]["message"].is_string()) {
     return j["error"]["message"].get<std::string>();
   }
+  // SGLang: {"object": "error", "message": "...", "type": ..., "code": ...}
+  if (j.contains("message") && j["message"].is_string()) return j["message"].get<std::string>();
   return {};
 }
 
@@ -638,7 +657,9 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
     // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
     if (!ok && !state->decode_done) {
       try {
-        std::string why = "the prefill leg failed";
+        std::string why = state->prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT
+                              ? "the prefill leg timed out"
+                              : "the prefill leg failed";
         if (state->prefill_status != 0) why += " with HTTP " + std::to_string(state->prefill_status);
         const std::string msg = engine_error_message(state->prefill_response);
         if (!msg.empty()) why += ": " + msg;
@@ -661,14 +682,16 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   r->write_event_handler = ngx_http_request_empty_handler;
   State& st = *ctx->state;
   if (st.prefill_rc != NGX_OK || st.prefill_status != NGX_HTTP_OK) {
-    std::string why = "the prefill leg failed";
+    const bool timed_out = st.prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT;
+    std::string why = timed_out ? "the prefill leg timed out" : "the prefill leg failed";
     if (st.prefill_status != 0) why += " with HTTP " + std::to_string(st.prefill_status);
     const std::string msg = engine_error_message(st.prefill_response);
     if (!msg.empty()) why += ": " + msg;
     // A client error the engine reported stays a client error.
-    const ngx_uint_t status =
-        st.prefill_status >= 400 && st.prefill_status < 500 ? st.prefill_status
-                                                            : NGX_HTTP_BAD_GATEWAY;
+    const ngx_uint_t status = st.prefill_status >= 400 && st.prefill_status < 500
+                                  ? st.prefill_status
+                              : timed_out ? NGX_HTTP_GATEWAY_TIME_OUT
+                                          : NGX_HTTP_BAD_GATEWAY;
     ngx_http_finalize_request(r, send_error(r, status, why));
     return;
   }
@@ -952,7 +975,13 @@ ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   // Requests of omni_proxy locations, whether or not our handler ran yet: nginx checks some
   // limits (client_max_body_size) before any content handler.
   auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
-  if (lcf == nullptr || !lcf->enable || r != r->main || r->err_status < 400) {
+  if (r != r->main) {
+    // A drained answer takes no room in the subrequest's in-memory buffer, whatever its size.
+    Ctx* sctx = get_ctx(r);
+    if (sctx != nullptr && sctx->drain) r->headers_out.content_length_n = -1;
+    return next_header_filter(r);
+  }
+  if (lcf == nullptr || !lcf->enable || r->err_status < 400) {
     return next_header_filter(r);
   }
   Ctx* ctx = get_ctx(r);
@@ -1014,7 +1043,27 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
 
 ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
   Ctx* ctx = get_ctx(r);
-  if (ctx == nullptr || r != r->main) return next_body_filter(r, in);
+  if (ctx == nullptr) return next_body_filter(r, in);
+  if (r != r->main) {
+    if (!ctx->drain) return next_body_filter(r, in);
+    // Data is consumed here; only the special buffers (flush, last) go on, so the subrequest
+    // still completes.
+    ngx_chain_t* out = nullptr;
+    ngx_chain_t** ll = &out;
+    for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) {
+      if (ngx_buf_special(cl->buf)) {
+        ngx_chain_t* link = ngx_alloc_chain_link(r->pool);
+        if (link == nullptr) return NGX_ERROR;
+        link->buf = cl->buf;
+        *ll = link;
+        ll = &link->next;
+      } else {
+        cl->buf->pos = cl->buf->last;
+      }
+    }
+    *ll = nullptr;
+    return out != nullptr ? next_body_filter(r, out) : NGX_OK;
+  }
   if (ctx->json_error.len == 0) {
     if (ctx->scanning && ctx->state != nullptr && ctx->state->scanner) observe_body(*ctx->state, in);
     return next_body_filter(r, in);
