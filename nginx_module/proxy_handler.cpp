@@ -1207,7 +1207,9 @@ ngx_int_t install_filters(ngx_conf_t* cf) noexcept {
 void proxy_exit_process() noexcept {
   WaitQueues& q = wait_queues();
   if (q.tick.timer_set) ngx_del_timer(&q.tick);
-  if (q.kick.posted) ngx_delete_posted_event(&q.kick);
+  if (q.kick.posted) {
+    ngx_delete_posted_event(&q.kick);  // a multi-statement macro
+  }
 }
 
 // --- Hooks for the balancer and the variables --------------------------------------------------

@@ -59,13 +59,19 @@ http {{
         with open(self.error_log) as f:
             return [line for line in f if BAD_LEVELS.search(line)]
 
-    def cleanup(self):
+    def cleanup(self, allow=()):
+        """Stops nginx gracefully and removes its files. Raises AssertionError if error.log
+        has [alert], [crit] or [emerg] lines (the shutdown included: a worker that crashes on
+        exit shows up here), except lines containing one of `allow`."""
         pid_file = os.path.join(self.dir, "nginx.pid")
         # `nginx -t` leaves an empty pid file; only a running nginx writes its pid.
         if os.path.exists(pid_file) and os.path.getsize(pid_file) > 0:
             self.run("-s", "quit")
             wait_until(lambda: not os.path.exists(pid_file), 10)
+        unexpected = [l for l in self.errors() if not any(a in l for a in allow)]
         shutil.rmtree(self.dir, ignore_errors=True)
+        if unexpected:
+            raise AssertionError("nginx error.log:\n" + "".join(unexpected))
 
 
 UPSTREAMS = """

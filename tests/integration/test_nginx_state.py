@@ -446,8 +446,10 @@ class NginxSlotsTest(unittest.TestCase):
     def tearDown(self):
         for s in self.socks:
             s.close()
-        self.nginx.cleanup()
-        self.sim.stop()
+        try:
+            self.nginx.cleanup(allow=("exited on signal 9",))
+        finally:
+            self.sim.stop()
 
     def _status(self):
         try:
