@@ -55,6 +55,16 @@ void BlockPool::acquire_cached(std::span<const BlockKey> keys, std::uint32_t n,
   }
 }
 
+void BlockPool::share(std::span<const std::uint32_t> ids, std::vector<std::uint32_t>& out) {
+  for (const std::uint32_t id : ids) {
+    if (ref_[id] == 0) throw std::logic_error("share of an unreferenced block");
+  }
+  for (const std::uint32_t id : ids) {
+    ref_[id]++;
+    out.push_back(id);
+  }
+}
+
 bool BlockPool::allocate(std::uint32_t n, std::vector<std::uint32_t>& out) {
   if (n > num_free_) return false;
   for (std::uint32_t i = 0; i < n; ++i) {

@@ -50,6 +50,9 @@ class BlockPool {
   // and appends their ids to `out`.
   void acquire_cached(std::span<const BlockKey> keys, std::uint32_t n,
                       std::vector<std::uint32_t>& out);
+  // Takes one more reference on each of `ids`, blocks a request references already (a fork
+  // sharing its parent's prompt), and appends them to `out`.
+  void share(std::span<const std::uint32_t> ids, std::vector<std::uint32_t>& out);
   // Appends `n` newly allocated blocks to `out`, or returns false (and changes nothing) when
   // fewer than `n` are free.
   bool allocate(std::uint32_t n, std::vector<std::uint32_t>& out);

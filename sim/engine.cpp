@@ -29,20 +29,42 @@ std::uint32_t Engine::blocks_for(std::uint32_t tokens) const noexcept {
 }
 
 std::string Engine::add(const RequestPtr& r, double now_ms) {
+  auto check = [&](const SeqRequest& q) -> std::string {
+    if (q.max_output_tokens == 0) return "max_tokens must be at least 1";
+    const std::uint64_t total = r->tokens.size() + q.max_output_tokens;
+    if (total > profile_.max_model_len) return "prompt and output exceed max_model_len";
+    if (blocks_for(static_cast<std::uint32_t>(total)) > profile_.num_blocks) {
+      return "the request needs more KV blocks than the engine has";
+    }
+    return {};
+  };
   if (r->tokens.empty()) return "the prompt is empty";
-  if (r->max_output_tokens == 0) return "max_tokens must be at least 1";
-  const std::uint64_t total = r->tokens.size() + r->max_output_tokens;
-  if (total > profile_.max_model_len) return "prompt and output exceed max_model_len";
-  if (blocks_for(static_cast<std::uint32_t>(total)) > profile_.num_blocks) {
-    return "the request needs more KV blocks than the engine has";
-  }
+  if (std::string why = check(*r); !why.empty()) return why;
   if (r->remote_kv_load && !r->start_kv_load && !hooks_.start_kv_load) {
     return "this engine cannot load remote KV";
+  }
+  for (const auto& f : r->forks) {
+    if (!f || f == r) return "a fork must be a request of its own";
+    if (f->remote_kv_load || f->hold_blocks_after_finish || !f->forks.empty()) {
+      return "a fork cannot load remote KV, hold its blocks or have forks";
+    }
+    if (std::string why = check(*f); !why.empty()) return why;
   }
   r->id = next_id_++;
   r->num_prompt_tokens = static_cast<std::uint32_t>(r->tokens.size());
   r->arrival_ms = now_ms;
   ensure_block_keys(*r, r->num_prompt_tokens / profile_.block_size);
+  for (const auto& f : r->forks) {
+    f->id = next_id_++;
+    f->parent_id = r->id;
+    f->tokens = r->tokens;
+    f->num_prompt_tokens = r->num_prompt_tokens;
+    f->arrival_ms = now_ms;
+    f->block_keys = r->block_keys;
+    f->block_digests = r->block_digests;
+  }
+  num_pending_forks_ += r->forks.size();
+  // The prompt is computed once, however many samples share it.
   stats_.prompt_tokens += r->num_prompt_tokens;
   waiting_.push_back(r);
   return {};
@@ -110,7 +132,8 @@ void Engine::account(const SeqRequest& r, std::uint32_t n, StepWork& work) const
   }
 }
 
-bool Engine::admit(const RequestPtr& rp, std::uint32_t& budget, StepWork& work, double now_ms) {
+// `rp` is a copy on purpose: the caller passes waiting_.front(), which pop_front() destroys.
+bool Engine::admit(RequestPtr rp, std::uint32_t& budget, StepWork& work, double now_ms) {
   SeqRequest& r = *rp;
   const std::uint32_t bs = profile_.block_size;
   const std::uint32_t hit_blocks = cached_prefix_blocks(r);
@@ -211,7 +234,7 @@ StepWork Engine::schedule(double now_ms) {
 
   // 2. Waiting requests, first come first served, unless this step had to preempt.
   while (!preempted && !waiting_.empty() && budget > 0 && slots_used() < profile_.max_num_seqs) {
-    if (!admit(waiting_.front(), budget, work, now_ms)) break;
+    if (!admit(waiting_.front(), budget, work, now_ms)) break;  // (admit() copies it)
   }
   if (!planned_.empty()) stats_.steps++;
   return work;
@@ -222,17 +245,96 @@ void Engine::complete_step(double now_ms) {
   planned.swap(planned_);
   for (auto& [rp, n] : planned) {
     SeqRequest& r = *rp;
-    if (r.finished) continue;  // aborted during the step
+    if (r.finished) continue;  // aborted during the step (by an earlier callback, too)
     r.num_computed += n;
     commit_full_blocks(r);
     if (r.num_computed < r.tokens.size()) continue;  // prefill chunk, more to come
-    const TokenId t = hooks_.sample(r);
-    r.tokens.push_back(t);
-    stats_.generation_tokens++;
-    if (r.first_token_ms < 0) r.first_token_ms = now_ms;
-    if (r.on_token) r.on_token(r, t);
-    if (r.num_output_tokens() >= r.max_output_tokens) finish(rp, r.reason_at_limit, {}, now_ms);
+    if (r.forks.empty()) {
+      emit_token(rp, now_ms);
+      continue;
+    }
+    // The prompt is computed: its forks share it and sample from the same logits.
+    const std::vector<RequestPtr> forked = fork(r, now_ms);
+    emit_token(rp, now_ms);
+    for (const auto& f : forked) {
+      if (!f->finished) emit_token(f, now_ms);
+    }
   }
+}
+
+void Engine::emit_token(const RequestPtr& rp, double now_ms) {
+  SeqRequest& r = *rp;
+  const TokenId t = hooks_.sample(r);
+  r.tokens.push_back(t);
+  stats_.generation_tokens++;
+  if (r.first_token_ms < 0) r.first_token_ms = now_ms;
+  if (r.on_token) r.on_token(r, t);
+  if (r.finished) return;  // the callback aborted it
+  if (r.num_output_tokens() >= r.max_output_tokens) finish(rp, r.reason_at_limit, {}, now_ms);
+}
+
+std::vector<RequestPtr> Engine::fork(SeqRequest& parent, double now_ms) {
+  std::vector<RequestPtr> forks;
+  forks.swap(parent.forks);
+  num_pending_forks_ -= forks.size();
+  const std::uint32_t bs = profile_.block_size;
+  const std::uint32_t full = parent.num_prompt_tokens / bs;
+  const std::uint32_t partial = parent.num_prompt_tokens % bs != 0 ? 1 : 0;
+  std::vector<RequestPtr> running;
+  std::size_t queued = 0;
+  for (const auto& f : forks) {
+    if (f->finished) continue;
+    if (slots_used() >= profile_.max_num_seqs || pool_.num_free() < partial) {
+      // No room now: first in line, before anything that arrived after the parent.
+      waiting_.insert(waiting_.begin() + static_cast<std::ptrdiff_t>(queued++), f);
+      continue;
+    }
+    pool_.share(std::span<const std::uint32_t>(parent.blocks.data(), full), f->blocks);
+    pool_.allocate(partial, f->blocks);  // its own copy of the last, partial block
+    f->num_computed = parent.num_prompt_tokens;
+    f->num_forked_tokens = parent.num_prompt_tokens;
+    f->num_committed_blocks = std::min(parent.num_committed_blocks, full);
+    f->num_cached_tokens = parent.num_cached_tokens;
+    f->admitted_once = true;
+    f->first_scheduled_ms = now_ms;
+    running_.push_back(f);
+    running.push_back(f);
+  }
+  return running;
+}
+
+void Engine::drop_forks(SeqRequest& r) {
+  num_pending_forks_ -= r.forks.size();
+  for (const auto& f : r.forks) {
+    f->finished = true;
+    stats_.requests_aborted++;
+  }
+  r.forks.clear();
+}
+
+bool Engine::drop_pending_fork(std::uint64_t id) {
+  auto drop_from = [&](const RequestPtr& parent) {
+    auto& forks = parent->forks;
+    auto it = std::find_if(forks.begin(), forks.end(),
+                           [&](const RequestPtr& f) { return f->id == id; });
+    if (it == forks.end()) return false;
+    (*it)->finished = true;
+    stats_.requests_aborted++;
+    forks.erase(it);
+    num_pending_forks_--;
+    return true;
+  };
+  if (num_pending_forks_ == 0) return false;
+  for (const auto& r : running_) {
+    if (drop_from(r)) return true;
+  }
+  for (const auto& r : waiting_) {
+    if (drop_from(r)) return true;
+  }
+  for (const auto& [rid, r] : loading_) {
+    if (drop_from(r)) return true;
+  }
+  return false;
 }
 
 void Engine::finish(const RequestPtr& rp, FinishReason reason, const std::string& error,
@@ -254,6 +356,14 @@ void Engine::finish(const RequestPtr& rp, FinishReason reason, const std::string
   } else {
     release_blocks(r);
   }
+  // Forks are forked when the prompt is computed, before any finish but a failure: they
+  // share the parent's fate.
+  std::vector<RequestPtr> forks;
+  forks.swap(r.forks);
+  num_pending_forks_ -= forks.size();
+  for (const auto& f : forks) {
+    if (!f->finished) finish(f, reason, error, now_ms);
+  }
   if (r.on_finish) r.on_finish(r, reason, error);
 }
 
@@ -262,6 +372,7 @@ void Engine::abort(std::uint64_t id) {
     r->finished = true;
     release_blocks(*r);
     stats_.requests_aborted++;
+    drop_forks(*r);
   };
   if (auto it = std::find_if(running_.begin(), running_.end(),
                              [&](const RequestPtr& r) { return r->id == id; });
@@ -285,6 +396,7 @@ void Engine::abort(std::uint64_t id) {
     drop(r);
     return;
   }
+  if (drop_pending_fork(id)) return;
   release_held(id);
 }
 

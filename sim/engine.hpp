@@ -9,6 +9,15 @@
 // request is preempted: its blocks are released (its full blocks stay cached) and it goes back
 // to the head of the queue, to be recomputed later.
 //
+// Parallel sampling (OpenAI `n`, SGLang `sampling_params.n`): a request may carry forks, the
+// other samples of its prompt. The prompt is computed once, by the parent. In the step that
+// completes it, every fork becomes a running sequence of its own: it takes a reference on the
+// parent's full prompt blocks (shared, as vLLM's prefix cache and SGLang's radix cache share
+// them), gets its own copy of the partial last block, and samples its first token from the
+// same logits as the parent. From then on each decodes its own tokens, so the batch holds n
+// sequences. A fork that finds no free sequence slot or block waits at the head of the queue
+// and is admitted like any request, the parent's blocks then being prefix-cache hits.
+//
 // The engine is pure logic with no clock or I/O: the driver calls schedule(), waits the step
 // time the TimingModel gives for the returned work, then calls complete_step(). Outputs leave
 // through the request's callbacks; KV events through take_events().
@@ -53,6 +62,12 @@ struct SeqRequest {
   // the fetch ends with Engine::kv_load_done(). Must not call back into the engine
   // synchronously. Falls back to Hooks::start_kv_load.
   std::function<void(SeqRequest&)> start_kv_load;
+  // Further samples of this request's prompt (n > 1), forked when the prompt is computed (see
+  // above). Each has its own max_output_tokens, reason_at_limit and callbacks; add() gives it
+  // the prompt. A fork cannot load remote KV, hold its blocks or have forks of its own. Until
+  // it is forked it goes wherever its parent goes: aborting the parent drops it, and a parent
+  // failing before its prompt is computed fails it too.
+  std::vector<RequestPtr> forks;
 
   // Kept by the engine.
   std::uint64_t id = 0;
@@ -61,6 +76,8 @@ struct SeqRequest {
   std::uint32_t num_cached_tokens = 0;     // prefix-cache hit at first admission
   std::uint32_t num_remote_blocks = 0;     // blocks to load from a remote prefill
   std::uint32_t num_preemptions = 0;
+  std::uint64_t parent_id = 0;             // a fork's parent
+  std::uint32_t num_forked_tokens = 0;     // prompt tokens whose KV a fork took from its parent
   std::vector<std::uint32_t> blocks;
   std::vector<BlockKey> block_keys;        // keys of the full blocks of `tokens`, by index
   std::vector<BlockDigest> block_digests;  // sha256 chain when HashAlgo::kSha256
@@ -98,10 +115,11 @@ class Engine {
 
   Engine(Profile profile, HashAlgo hash_algo, Hooks hooks);
 
-  // Queues a request. Returns an empty string, or why it can never run (it then is not
-  // queued and no callback fires).
+  // Queues a request (and registers its forks). Returns an empty string, or why it or one of
+  // its forks can never run (nothing is then queued and no callback fires).
   std::string add(const RequestPtr& request, double now_ms);
-  // Drops a request wherever it is, releasing its blocks. No callback fires.
+  // Drops a request wherever it is, releasing its blocks, with its forks not forked yet. No
+  // callback fires.
   void abort(std::uint64_t id);
   void kv_load_done(std::uint64_t id, bool ok, bool recompute_on_failure,
                     const std::string& error, double now_ms);
@@ -120,7 +138,10 @@ class Engine {
   std::vector<kv::Event> take_events() { return pool_.take_events(); }
 
   std::size_t num_running() const noexcept { return running_.size(); }
-  std::size_t num_waiting() const noexcept { return waiting_.size() + loading_.size(); }
+  // Queued, loading remote KV, or forks waiting for their parent's prompt.
+  std::size_t num_waiting() const noexcept {
+    return waiting_.size() + loading_.size() + num_pending_forks_;
+  }
   std::size_t num_held() const noexcept { return held_.size(); }
   // Uncached prompt tokens of the waiting requests (SGLang's num_waiting_uncached_tokens,
   // estimated from the current cache).
@@ -143,7 +164,16 @@ class Engine {
   void preempt(const RequestPtr& r);
   void finish(const RequestPtr& r, FinishReason reason, const std::string& error, double now_ms);
   void release_blocks(SeqRequest& r);
-  bool admit(const RequestPtr& r, std::uint32_t& budget, StepWork& work, double now_ms);
+  // Takes its own reference: it pops the queue's.
+  bool admit(RequestPtr r, std::uint32_t& budget, StepWork& work, double now_ms);
+  // Samples r's next token; finishes r at its limit.
+  void emit_token(const RequestPtr& r, double now_ms);
+  // Turns the pending forks of `parent`, whose prompt was just computed, into sequences.
+  // Returns those that run now (they sample their first token in this step); the others wait.
+  std::vector<RequestPtr> fork(SeqRequest& parent, double now_ms);
+  // Forgets the pending forks of r (an abort): no callback fires.
+  void drop_forks(SeqRequest& r);
+  bool drop_pending_fork(std::uint64_t id);
   void account(const SeqRequest& r, std::uint32_t n, StepWork& work) const;
   std::size_t slots_used() const noexcept { return running_.size() + loading_.size(); }
 
@@ -157,6 +187,7 @@ class Engine {
   std::unordered_map<std::uint64_t, RequestPtr> loading_;
   std::unordered_map<std::uint64_t, RequestPtr> held_;
   std::vector<Planned> planned_;
+  std::size_t num_pending_forks_ = 0;
   EngineStats stats_;
 };
 

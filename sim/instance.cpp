@@ -27,7 +27,9 @@ const char* to_string(EngineKind k) noexcept {
   return k == EngineKind::kVllm ? "vllm" : "sglang";
 }
 
-// One client request: one or more sequences (a batch) answered together.
+// One client request: one or more sequences (a batch of prompts, n samples each) answered
+// together. Item i is sample i % n of prompt i / n; sample 0 is the engine request that
+// computes the prompt, the others are its forks.
 struct Instance::Job {
   Api api = Api::kCompletions;
   ParsedRequest parsed;
@@ -36,7 +38,7 @@ struct Instance::Job {
   std::vector<RequestPtr> items;
   std::vector<ChoiceResult> choices;
   std::vector<bool> item_done;
-  std::vector<bool> role_sent;
+  bool roles_sent = false;                 // chat stream: the role chunks went out
   std::size_t remaining = 0;
   bool done = false;
   bool prefill_for_remote_decode = false;  // vLLM P leg
@@ -46,7 +48,9 @@ struct Instance::Job {
   std::vector<std::uint64_t> rooms;
   std::string fault;                       // "", "disconnect"
   double arrival_ms = 0;
-  double last_token_ms = -1;
+  std::vector<double> last_token_ms;       // per item, for inter-token latency
+  // The answer is a list (SGLang /generate): a batch input, or n > 1.
+  bool list_answer() const { return parsed.batch || parsed.n > 1; }
 };
 
 struct Instance::Room {
@@ -346,7 +350,6 @@ void Instance::handle_generate(Api api, http::Request&& req,
     return res->send(err->status, "application/json", err->body);
   }
   auto job = std::make_shared<Job>();
-  jobs_.insert(job);
   job->api = api;
   job->parsed = std::move(std::get<ParsedRequest>(parsed));
   job->res = res;
@@ -388,29 +391,41 @@ void Instance::handle_generate(Api api, http::Request&& req,
   const bool sglang_pd = !vllm && !p.bootstrap.empty() && cfg_.role != Role::kBoth;
   job->prefill_for_remote_decode = remote_decode;
   job->sglang_prefill = sglang_pd && cfg_.role == Role::kPrefill;
+  jobs_.insert(job);
 
-  const std::size_t n = p.prompts.size();
+  // n samples of each prompt: sample 0 computes the prompt (and is the one that holds or
+  // loads KV in P/D); samples 1..n-1 are its forks, each with its own output length. A P/D
+  // prefill with n > 1 computes the prompt once and answers n one-token choices; the KV it
+  // holds for the decode is sample 0's.
+  const std::size_t per_prompt = p.n;
+  const std::size_t n = p.prompts.size() * per_prompt;
   job->choices.resize(n);
   job->item_done.assign(n, false);
-  job->role_sent.assign(n, false);
+  job->last_token_ms.assign(n, -1.0);
   job->remaining = n;
   for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t prompt_index = i / per_prompt;
+    const auto sample = static_cast<std::uint32_t>(i % per_prompt);
+    const std::vector<TokenId>& prompt = p.prompts[prompt_index];
     auto r = std::make_shared<SeqRequest>();
-    r->request_id = n == 1 ? job->meta.id + "-0" : job->meta.id + "-" + std::to_string(i);
-    r->tokens = p.prompts[i];
+    // vLLM names the samples of a request n>1 "<sample>_<request id>".
+    r->request_id = job->meta.id + "-" + std::to_string(prompt_index);
+    if (sample > 0) r->request_id = std::to_string(sample) + "_" + r->request_id;
+    if (sample == 0) r->tokens = prompt;  // forks get it from the engine
     if (p.max_tokens_given || api == Api::kGenerate) {
       r->max_output_tokens = p.max_tokens;
       r->reason_at_limit = FinishReason::kLength;
     } else {
       // No max_tokens: the sequence ends as if the model emitted EOS after a random length,
-      // within what the context leaves.
-      const auto room = cfg_.profile.max_model_len - static_cast<std::uint32_t>(r->tokens.size());
+      // within what the context leaves; every sample draws its own.
+      const auto room = cfg_.profile.max_model_len - static_cast<std::uint32_t>(prompt.size());
       r->max_output_tokens = std::min<std::uint32_t>(
           room, 1 + static_cast<std::uint32_t>(rng_() % cfg_.default_max_tokens));
       r->reason_at_limit = FinishReason::kStop;
     }
-    r->hold_blocks_after_finish = remote_decode || job->sglang_prefill;
-    r->remote_kv_load = remote_prefill || (sglang_pd && cfg_.role == Role::kDecode);
+    r->hold_blocks_after_finish = sample == 0 && (remote_decode || job->sglang_prefill);
+    r->remote_kv_load =
+        sample == 0 && (remote_prefill || (sglang_pd && cfg_.role == Role::kDecode));
     std::weak_ptr<Job> weak = job;
     r->on_token = [this, weak, i](SeqRequest& sr, TokenId t) {
       if (auto j = weak.lock()) on_token(j, i, sr, t);
@@ -418,16 +433,19 @@ void Instance::handle_generate(Api api, http::Request&& req,
     r->on_finish = [this, weak, i](SeqRequest& sr, FinishReason reason, const std::string& e) {
       if (auto j = weak.lock()) on_finish(j, i, sr, reason, e);
     };
-    if (remote_prefill) {
+    if (remote_prefill && r->remote_kv_load) {
       r->start_kv_load = [this, weak](SeqRequest& sr) {
         if (auto j = weak.lock()) start_vllm_pull(j, sr);
       };
     } else if (r->remote_kv_load) {
+      // (The protocol refuses n > 1 with bootstrap fields: item i is prompt i.)
       r->start_kv_load = [this, weak, i](SeqRequest& sr) {
         if (auto j = weak.lock()) start_sglang_join(j, i, sr);
       };
     }
-    job->choices[i].prompt_tokens = static_cast<std::uint32_t>(r->tokens.size());
+    job->choices[i].prompt_tokens = static_cast<std::uint32_t>(prompt.size());
+    job->choices[i].sample = sample;
+    if (sample > 0) job->items[i - sample]->forks.push_back(r);
     job->items.push_back(std::move(r));
   }
 
@@ -442,7 +460,8 @@ void Instance::handle_generate(Api api, http::Request&& req,
 
   auto admit_all = [this, job] {
     if (job->done) return;
-    for (std::size_t i = 0; i < job->items.size(); ++i) submit(job, i);
+    // The forks go in with their sample 0.
+    for (std::size_t i = 0; i < job->items.size(); i += job->parsed.n) submit(job, i);
   };
   if (fault == "slow") {
     faults_injected_["slow"]++;
@@ -502,12 +521,11 @@ void Instance::on_token(const std::shared_ptr<Job>& job, std::size_t i, SeqReque
   c.text.append(piece);
   c.output_ids.push_back(t);
   const double now = now_ms();
-  if (c.output_ids.size() == 1) {
+  if (c.output_ids.size() == 1 && c.sample == 0) {  // once per prompt
     ttft_.observe((now - job->arrival_ms) / 1000.0);
-  } else if (job->last_token_ms >= 0) {
-    itl_.observe((now - job->last_token_ms) / 1000.0);
   }
-  job->last_token_ms = now;
+  if (job->last_token_ms[i] >= 0) itl_.observe((now - job->last_token_ms[i]) / 1000.0);
+  job->last_token_ms[i] = now;
   if (job->parsed.stream) {
     const bool last = r.num_output_tokens() >= r.max_output_tokens;
     const char* finish = last ? to_string(r.reason_at_limit) : nullptr;
@@ -515,14 +533,17 @@ void Instance::on_token(const std::shared_ptr<Job>& job, std::size_t i, SeqReque
       c.cached_tokens = r.num_cached_tokens;
       c.finish_reason = last ? to_string(r.reason_at_limit) : "";
       std::optional<std::size_t> index;
-      if (job->parsed.batch) index = i;
+      if (job->list_answer()) index = i;
       job->res->write_chunk("data: " + sglang_generate_item(job->meta, c, last, index).dump() +
                             "\n\n");
     } else {
       std::string out;
-      if (job->api == Api::kChatCompletions && !job->role_sent[i]) {
-        job->role_sent[i] = true;
-        out += "data: " + openai_chunk(job->api, job->meta, i, "", nullptr, true) + "\n\n";
+      if (job->api == Api::kChatCompletions && !job->roles_sent) {
+        // As vLLM does with the first output: one role chunk per choice, in index order.
+        job->roles_sent = true;
+        for (std::size_t k = 0; k < job->items.size(); ++k) {
+          out += "data: " + openai_chunk(job->api, job->meta, k, "", nullptr, true) + "\n\n";
+        }
       }
       out += "data: " + openai_chunk(job->api, job->meta, i, piece, finish, false) + "\n\n";
       job->res->write_chunk(out);
@@ -564,9 +585,11 @@ void Instance::complete_item(const std::shared_ptr<Job>& job, std::size_t i) {
 
   std::uint64_t prompt = 0, completion = 0, cached = 0;
   for (const auto& c : job->choices) {
-    prompt += c.prompt_tokens;
+    if (c.sample == 0) {  // a prompt counts once, however many samples it has
+      prompt += c.prompt_tokens;
+      cached += c.cached_tokens;
+    }
     completion += c.output_ids.size();
-    cached += c.cached_tokens;
   }
   if (job->parsed.stream) {
     std::string out;
@@ -586,7 +609,7 @@ void Instance::complete_item(const std::shared_ptr<Job>& job, std::size_t i) {
   }
   if (job->api == Api::kGenerate) {
     json body;
-    if (job->parsed.batch) {
+    if (job->list_answer()) {
       body = json::array();
       for (const auto& c : job->choices) body.push_back(sglang_generate_item(job->meta, c, true, {}));
     } else {

@@ -2,6 +2,8 @@
 
 #include <omni/openai_error.hpp>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 namespace omni::sim {
@@ -108,6 +110,11 @@ std::variant<ParsedRequest, ProtocolError> Protocol::parse(Api api, std::string_
       api == Api::kGenerate ? parse_generate(j, out) : parse_openai(api, j, out);
   if (err) return *err;
   if (auto e = parse_bootstrap(api, j, out)) return *e;
+  if (out.n > 1 && !out.bootstrap.empty()) {
+    // SGLang would send every sample of a prompt to the same bootstrap room.
+    return error(api, 400,
+                 "Parallel sampling (n > 1) is not supported with bootstrap_room in omni-sim.");
+  }
   if (auto e = check_lengths(api, out)) return *e;
   return out;
 }
@@ -176,8 +183,22 @@ std::optional<ProtocolError> Protocol::parse_openai(Api api, const json& j,
     out.max_tokens_given = true;
   }
   if (!out.max_tokens_given) out.max_tokens = default_max_tokens_;
-  if (j.contains("n") && !j["n"].is_null() && j["n"] != 1) {
-    return error(api, 400, "omni-sim supports n = 1 only.", "BadRequestError", "n");
+  if (j.contains("n") && !j["n"].is_null()) {
+    const json& n = j["n"];
+    if (!n.is_number_integer()) return invalid("Input should be a valid integer", "body.n");
+    const std::int64_t v = n.is_number_unsigned()
+                               ? static_cast<std::int64_t>(std::min<std::uint64_t>(
+                                     n.get<std::uint64_t>(), INT64_MAX))
+                               : n.get<std::int64_t>();
+    if (v < 1) {
+      return error(api, 400, "n must be at least 1, got " + std::to_string(v) + ".",
+                   "BadRequestError", "n");
+    }
+    if (v > kMaxN) {
+      return error(api, 400, "n must be at most " + std::to_string(kMaxN) + " in omni-sim, got " +
+                                 std::to_string(v) + ".", "BadRequestError", "n");
+    }
+    out.n = static_cast<std::uint32_t>(v);
   }
   if (j.contains("stream") && !j["stream"].is_null()) {
     if (!j["stream"].is_boolean()) return invalid("Input should be a valid boolean", "body.stream");
@@ -270,6 +291,15 @@ std::optional<ProtocolError> Protocol::parse_generate(const json& j, ParsedReque
       }
       out.max_tokens = static_cast<std::uint32_t>(
           std::min<std::int64_t>(sp["max_new_tokens"].get<std::int64_t>(), UINT32_MAX));
+    }
+    if (sp.contains("n") && !sp["n"].is_null()) {
+      if (!sp["n"].is_number_integer() || sp["n"].get<std::int64_t>() < 1 ||
+          sp["n"].get<std::int64_t>() > kMaxN) {
+        return error(api, 400,
+                     "n must be a positive integer (at most " + std::to_string(kMaxN) +
+                         " in omni-sim)");
+      }
+      out.n = static_cast<std::uint32_t>(sp["n"].get<std::int64_t>());
     }
     out.max_tokens_given = true;
   }
@@ -371,9 +401,11 @@ std::string openai_response(Api api, const ResponseMeta& meta,
   std::uint64_t prompt = 0, completion = 0, cached = 0;
   for (std::size_t i = 0; i < choices.size(); ++i) {
     const auto& c = choices[i];
-    prompt += c.prompt_tokens;
+    if (c.sample == 0) {
+      prompt += c.prompt_tokens;
+      cached += c.cached_tokens;
+    }
     completion += c.output_ids.size();
-    cached += c.cached_tokens;
     if (api == Api::kChatCompletions) {
       out_choices.push_back({{"index", i},
                              {"message",

@@ -35,6 +35,7 @@ struct ParsedRequest {
   Api api = Api::kCompletions;
   std::vector<std::vector<TokenId>> prompts;  // one per batch item
   bool batch = false;                 // the input was a list: the answer is a list too
+  std::uint32_t n = 1;                // samples per prompt (`n`, SGLang `sampling_params.n`)
   std::uint32_t max_tokens = 0;
   bool max_tokens_given = false;
   bool stream = false;
@@ -51,6 +52,9 @@ struct ProtocolError {
 
 class Protocol {
  public:
+  // The largest `n` accepted (the engines themselves set no limit).
+  static constexpr std::int64_t kMaxN = 256;
+
   Protocol(EngineKind kind, std::string served_model, std::uint32_t max_model_len,
            std::uint32_t default_max_tokens);
 
@@ -93,6 +97,9 @@ struct ChoiceResult {
   std::string finish_reason;  // "length", "stop", "abort", "error"
   std::uint32_t prompt_tokens = 0;
   std::uint32_t cached_tokens = 0;
+  // Which of its prompt's n samples this is. OpenAI usage counts a prompt (and its cached
+  // tokens) once, at sample 0, as vLLM does; SGLang's meta_info reports it on every sample.
+  std::uint32_t sample = 0;
 };
 
 struct ResponseMeta {
@@ -102,8 +109,9 @@ struct ResponseMeta {
   double e2e_latency_s = 0;
 };
 
-// Non-streamed OpenAI response (completions or chat), with usage and, when given,
-// kv_transfer_params (null otherwise, as vLLM sends it).
+// Non-streamed OpenAI response (completions or chat), one choice per entry of `choices`, whose
+// position is its `index` (prompt-major: prompt i, sample j is i * n + j), with usage and, when
+// given, kv_transfer_params (null otherwise, as vLLM sends it).
 std::string openai_response(Api api, const ResponseMeta& meta,
                             const std::vector<ChoiceResult>& choices,
                             const nlohmann::json* kv_transfer_params);

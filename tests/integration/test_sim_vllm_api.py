@@ -124,7 +124,9 @@ class VllmApiTest(unittest.TestCase):
         self.assert_error(post(p, "/v1/completions", {"prompt": [1, -5]}), 400)
         self.assert_error(post(p, "/v1/completions",
                                {"prompt": "x", "stream_options": {"include_usage": True}}), 400)
-        self.assert_error(post(p, "/v1/completions", {"prompt": "x", "n": 2}), 400)
+        self.assert_error(post(p, "/v1/completions", {"prompt": "x", "n": 0}), 400, "n",
+                          "BadRequestError")
+        self.assert_error(post(p, "/v1/completions", {"prompt": "x", "n": "2"}), 400, "body.n")
         self.assert_error(post(p, "/v1/completions", {"prompt": "", "max_tokens": 2}), 400)
         too_long = post(p, "/v1/completions", {"prompt": list(range(300, 4300)), "max_tokens": 100})
         self.assert_error(too_long, 400, "input_tokens", "BadRequestError")

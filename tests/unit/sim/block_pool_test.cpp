@@ -126,6 +126,28 @@ TEST(BlockPool, AllocateFailureDoesNotEvict) {
   EXPECT_TRUE(pool.is_cached(ids[0]));
 }
 
+TEST(BlockPool, ShareAddsReferencesToReferencedBlocks) {
+  BlockPool pool(4, kBs);
+  std::vector<std::uint32_t> parent, fork;
+  ASSERT_TRUE(pool.allocate(2, parent));
+  commit_root(pool, parent[0], 7);
+  pool.share(parent, fork);
+  EXPECT_EQ(fork, parent);
+  for (auto id : parent) EXPECT_EQ(pool.ref_count(id), 2u);
+  EXPECT_EQ(pool.num_free(), 2u) << "shared blocks are used once";
+  pool.release(parent);
+  EXPECT_EQ(pool.num_free(), 2u) << "the fork still holds them";
+  for (auto id : fork) EXPECT_EQ(pool.ref_count(id), 1u);
+  pool.release(fork);
+  EXPECT_EQ(pool.num_free(), 4u);
+  EXPECT_EQ(pool.num_cached(), 1u);
+  // Only blocks someone references can be shared; nothing changes otherwise.
+  std::vector<std::uint32_t> out;
+  EXPECT_THROW(pool.share(fork, out), std::logic_error);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(pool.num_free(), 4u);
+}
+
 TEST(BlockPool, CommitAndMatchPrefix) {
   BlockPool pool(8, kBs);
   std::vector<std::uint32_t> ids;

@@ -8,7 +8,9 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -92,6 +94,14 @@ class Harness {
     EXPECT_EQ(add(it), "");
     return it;
   }
+  // Another sample of parent's prompt (n > 1); add the parent afterwards.
+  Item& fork_of(Item& parent, std::uint32_t max_out) {
+    Item& f = make({}, max_out);
+    f.r->request_id = "fork-" + std::to_string(parent.r->forks.size() + 1) + "-of-" +
+                      parent.r->request_id;
+    parent.r->forks.push_back(f.r);
+    return f;
+  }
 
   // One engine step; false when there was nothing to compute.
   bool step() {
@@ -109,7 +119,12 @@ class Harness {
     auto& step_chunks = chunks.emplace_back();
     for (std::size_t i = 0; i < items.size(); ++i) {
       EXPECT_GE(items[i].r->num_computed, before[i]);
-      const std::uint32_t n = items[i].r->num_computed - before[i];
+      std::uint32_t n = items[i].r->num_computed - before[i];
+      // A fork takes over its parent's computed prompt without computing it.
+      if (before[i] == 0 && items[i].r->num_forked_tokens > 0 && forked.insert(i).second) {
+        EXPECT_EQ(n, items[i].r->num_forked_tokens);
+        n -= items[i].r->num_forked_tokens;
+      }
       if (n > 0) step_chunks.push_back({i, before[i], n});
       scheduled += n;
     }
@@ -164,6 +179,7 @@ class Harness {
   std::vector<std::vector<Chunk>> chunks;  // per step
   std::vector<kv::Event> events;
   std::vector<std::uint64_t> loads;  // ids passed to Hooks::start_kv_load
+  std::set<std::size_t> forked;      // items whose forked prompt was discounted
   double now = 0;
   Engine engine;  // last: its hooks refer to the members above
 
@@ -771,6 +787,412 @@ TEST(Engine, ScheduleTwiceWithoutCompletingThrows) {
   h.submit(seq(5, 1), 1);
   (void)h.engine.schedule(0);
   EXPECT_THROW((void)h.engine.schedule(0), std::logic_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many waiting requests (regression)
+// ---------------------------------------------------------------------------------------------
+
+// admit() used to bind waiting_.front() by reference, pop_front() and then copy it into
+// running_ (or loading_): a heap-use-after-free under ASan once a step admitted past a deque
+// node (32 requests), and whenever the queue held the last reference. Here the engine holds
+// the only references, and 100 requests are admitted in one step.
+TEST(Engine, ManyWaitingRequestsOwnedOnlyByTheEngine) {
+  for (bool remote : {false, true}) {
+    SCOPED_TRACE(remote ? "remote kv load" : "local prefill");
+    Profile p = builtin_profile("fast");
+    p.jitter_cv = 0.0;
+    ASSERT_GE(p.max_num_seqs, 100u);
+    struct Counts {
+      std::uint64_t tokens = 0, finishes = 0;
+      std::vector<std::uint64_t> loads;
+    };
+    auto counts = std::make_shared<Counts>();
+    Engine::Hooks hooks;
+    hooks.sample = [](SeqRequest& r) { return static_cast<TokenId>(1000 + r.num_output_tokens()); };
+    hooks.start_kv_load = [counts](SeqRequest& r) { counts->loads.push_back(r.id); };
+    Engine e(p, HashAlgo::kFast64, hooks);
+    constexpr std::uint64_t kRequests = 100;
+    for (std::uint64_t i = 0; i < kRequests; ++i) {
+      auto r = std::make_shared<SeqRequest>();
+      r->tokens = seq(4 + i % 7, static_cast<TokenId>(100 * i + 1));
+      r->max_output_tokens = 4;
+      r->remote_kv_load = remote;
+      r->on_token = [counts](SeqRequest&, TokenId) { counts->tokens++; };
+      r->on_finish = [counts](SeqRequest& sr, FinishReason why, const std::string&) {
+        EXPECT_EQ(why, FinishReason::kLength);
+        EXPECT_EQ(sr.num_output_tokens(), 4u);
+        counts->finishes++;
+      };
+      ASSERT_EQ(e.add(r, 0), "");
+    }
+    EXPECT_EQ(e.num_waiting(), kRequests);
+    double now = 0;
+    for (int step = 0; step < 100 && counts->finishes < kRequests; ++step) {
+      (void)e.schedule(now);
+      if (step == 0) {
+        // Everything is admitted at once: into the batch, or loading its KV.
+        EXPECT_EQ(e.num_running(), remote ? 0u : kRequests);
+        EXPECT_EQ(counts->loads.size(), remote ? kRequests : 0u);
+        EXPECT_EQ(e.num_waiting(), remote ? kRequests : 0u);
+      }
+      if (e.step_planned()) e.complete_step(now += 1);
+      for (auto id : std::exchange(counts->loads, {})) e.kv_load_done(id, true, false, "", now);
+    }
+    EXPECT_EQ(counts->finishes, kRequests);
+    EXPECT_EQ(counts->tokens, 4 * kRequests);
+    EXPECT_EQ(e.num_running(), 0u);
+    EXPECT_EQ(e.num_waiting(), 0u);
+    EXPECT_EQ(e.pool().num_free(), e.pool().num_blocks());
+  }
+}
+
+// A token callback may abort its own request (the instance does, for an injected disconnect):
+// the engine must not then finish it.
+TEST(Engine, TokenCallbackThatAbortsItsRequestEndsIt) {
+  for (bool hold : {false, true}) {
+    SCOPED_TRACE(hold ? "held" : "not held");
+    Harness h(small_profile());
+    Item& it = h.make(seq(6, 1), 1);
+    it.r->hold_blocks_after_finish = hold;
+    auto inner = it.r->on_token;
+    it.r->on_token = [&h, inner](SeqRequest& r, TokenId t) {
+      inner(r, t);
+      h.engine.abort(r.id);
+    };
+    ASSERT_EQ(h.add(it), "");
+    h.run();
+    EXPECT_EQ(it.rec.outputs, expected_outputs(1));
+    EXPECT_EQ(it.rec.finishes, 0);
+    EXPECT_EQ(h.engine.stats().requests_aborted, 1u);
+    EXPECT_EQ(h.engine.stats().requests_finished, 0u);
+    EXPECT_EQ(h.engine.num_held(), 0u);
+    EXPECT_TRUE(h.all_blocks_free());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel sampling: forks
+// ---------------------------------------------------------------------------------------------
+
+TEST(Engine, ForksShareThePromptAndDecodeAsSequencesOfTheirOwn) {
+  Harness h(small_profile());  // 4-token blocks
+  Item& parent = h.make(seq(10, 50), 3);  // 2 full blocks and a partial one
+  Item& f1 = h.fork_of(parent, 5);
+  Item& f2 = h.fork_of(parent, 1);
+  f2.r->reason_at_limit = FinishReason::kStop;
+  ASSERT_EQ(h.add(parent), "");
+  EXPECT_EQ(f1.r->tokens, parent.r->tokens);
+  EXPECT_EQ(f1.r->parent_id, parent.r->id);
+  EXPECT_EQ(f2.r->parent_id, parent.r->id);
+  EXPECT_NE(f1.r->id, parent.r->id);
+  EXPECT_NE(f1.r->id, f2.r->id);
+  EXPECT_EQ(h.engine.num_waiting(), 3u);
+  EXPECT_EQ(h.engine.stats().prompt_tokens, 10u) << "one prompt";
+
+  // One step computes the prompt once; every sample takes its first token from it.
+  ASSERT_TRUE(h.step());
+  EXPECT_EQ(h.works[0].prefill_tokens, 10u);
+  EXPECT_EQ(h.works[0].decode_seqs, 0u);
+  for (Item* it : {&parent, &f1, &f2}) EXPECT_EQ(it->rec.outputs, expected_outputs(1));
+  EXPECT_EQ(f2.rec.finishes, 1);
+  EXPECT_EQ(f2.rec.reason, FinishReason::kStop);
+  EXPECT_EQ(f1.r->num_forked_tokens, 10u);
+  EXPECT_EQ(f1.r->first_token_ms, parent.r->first_token_ms);
+  // Parent and f1 run, sharing the two full prompt blocks; each has its own partial block.
+  EXPECT_EQ(h.engine.num_running(), 2u);
+  EXPECT_EQ(h.engine.num_waiting(), 0u);
+  ASSERT_EQ(parent.r->blocks.size(), 3u);
+  ASSERT_EQ(f1.r->blocks.size(), 3u);
+  for (std::size_t b = 0; b < 2; ++b) {
+    EXPECT_EQ(f1.r->blocks[b], parent.r->blocks[b]);
+    EXPECT_EQ(h.engine.pool().ref_count(parent.r->blocks[b]), 2u);
+  }
+  EXPECT_NE(f1.r->blocks[2], parent.r->blocks[2]);
+  EXPECT_EQ(h.engine.pool().num_free(), 64u - 4u);
+
+  // Then each decodes its own tokens: the batch holds both.
+  ASSERT_TRUE(h.step());
+  EXPECT_EQ(h.works[1].prefill_tokens, 0u);
+  EXPECT_EQ(h.works[1].decode_seqs, 2u);
+  EXPECT_EQ(h.works[1].decode_kv_tokens, 20u);  // context before the new tokens
+  h.run();
+  EXPECT_EQ(parent.rec.outputs, expected_outputs(3));
+  EXPECT_EQ(f1.rec.outputs, expected_outputs(5));
+  EXPECT_EQ(parent.rec.reason, FinishReason::kLength);
+  EXPECT_EQ(f1.rec.reason, FinishReason::kLength);
+  for (Item* it : {&parent, &f1, &f2}) EXPECT_EQ(it->rec.finishes, 1);
+  std::uint64_t prefill = 0;
+  for (const auto& w : h.works) prefill += w.prefill_tokens;
+  EXPECT_EQ(prefill, 10u);
+  EXPECT_EQ(h.engine.stats().generation_tokens, 9u);
+  EXPECT_EQ(h.engine.stats().requests_finished, 3u);
+  EXPECT_TRUE(h.all_blocks_free());
+  // The shared prompt blocks were cached once, by the parent.
+  std::size_t stored_blocks = 0;
+  for (const auto& ev : h.stored()) stored_blocks += ev.block_hashes.size();
+  EXPECT_GE(stored_blocks, 2u);
+  Item& again = h.submit(seq(10, 50), 1);
+  h.run();
+  EXPECT_EQ(again.r->num_cached_tokens, 8u);
+}
+
+TEST(Engine, ForksOfABlockAlignedPromptShareEveryPromptBlock) {
+  Harness h(small_profile());
+  Item& parent = h.make(seq(8, 70), 3);
+  Item& f1 = h.fork_of(parent, 3);
+  ASSERT_EQ(h.add(parent), "");
+  ASSERT_TRUE(h.step());
+  EXPECT_EQ(f1.r->blocks, parent.r->blocks) << "no partial block to copy";
+  EXPECT_EQ(h.engine.pool().num_free(), 64u - 2u);
+  ASSERT_TRUE(h.step());  // each sample's second token needs a block of its own
+  ASSERT_EQ(f1.r->blocks.size(), 3u);
+  ASSERT_EQ(parent.r->blocks.size(), 3u);
+  EXPECT_NE(f1.r->blocks[2], parent.r->blocks[2]);
+  h.run();
+  EXPECT_EQ(parent.rec.outputs, expected_outputs(3));
+  EXPECT_EQ(f1.rec.outputs, expected_outputs(3));
+  EXPECT_TRUE(h.all_blocks_free());
+}
+
+TEST(Engine, ForksWithoutASequenceSlotWaitAndHitThePrefixCache) {
+  Profile p = small_profile();
+  p.max_num_seqs = 2;
+  Harness h(p);
+  Item& parent = h.make(seq(9, 80), 2);
+  Item& f1 = h.fork_of(parent, 2);
+  Item& f2 = h.fork_of(parent, 2);
+  Item& f3 = h.fork_of(parent, 2);
+  ASSERT_EQ(h.add(parent), "");
+  ASSERT_TRUE(h.step());
+  EXPECT_EQ(h.engine.num_running(), 2u);
+  EXPECT_EQ(h.engine.num_waiting(), 2u);
+  EXPECT_EQ(f1.rec.outputs, expected_outputs(1));
+  EXPECT_TRUE(f2.rec.outputs.empty());
+  EXPECT_TRUE(f3.rec.outputs.empty());
+  h.run();
+  for (Item* it : {&parent, &f1, &f2, &f3}) {
+    SCOPED_TRACE(it->r->request_id);
+    EXPECT_EQ(it->rec.outputs, expected_outputs(2));
+    EXPECT_EQ(it->rec.finishes, 1);
+  }
+  // The waiting forks were admitted like any request: the prompt's full blocks were hits.
+  for (Item* it : {&f2, &f3}) {
+    EXPECT_EQ(it->r->num_forked_tokens, 0u);
+    EXPECT_EQ(it->r->num_cached_tokens, 8u);
+  }
+  std::uint64_t prefill = 0;
+  for (const auto& w : h.works) prefill += w.prefill_tokens;
+  EXPECT_EQ(prefill, 9u + 1u + 1u);
+  for (const auto& w : h.works) EXPECT_LE(w.decode_seqs + w.prefill_tokens, 16u);
+  EXPECT_TRUE(h.all_blocks_free());
+}
+
+TEST(Engine, ForksWithoutAFreeBlockWait) {
+  Profile p = small_profile();
+  p.num_blocks = 4;
+  Harness h(p);
+  Item& parent = h.make(seq(10, 90), 1);  // 3 blocks
+  Item& f1 = h.fork_of(parent, 1);          // takes the last free block for its copy
+  Item& f2 = h.fork_of(parent, 1);          // none left: waits
+  ASSERT_EQ(h.add(parent), "");
+  ASSERT_TRUE(h.step());
+  EXPECT_EQ(parent.rec.outputs, expected_outputs(1));
+  EXPECT_EQ(f1.rec.outputs, expected_outputs(1));
+  EXPECT_TRUE(f2.rec.outputs.empty());
+  EXPECT_EQ(h.engine.num_waiting(), 1u);
+  h.run();
+  EXPECT_EQ(f2.rec.outputs, expected_outputs(1));
+  EXPECT_EQ(f2.r->num_cached_tokens, 8u);
+  EXPECT_TRUE(h.all_blocks_free());
+}
+
+TEST(Engine, ForksUnderBlockPressureArePreemptedAndRecomputed) {
+  Profile p = small_profile();
+  p.num_blocks = 16;
+  Harness h(p);
+  Item& parent = h.make(seq(8, 100), 24);
+  std::vector<Item*> samples = {&parent};
+  for (int i = 0; i < 3; ++i) samples.push_back(&h.fork_of(parent, 24));
+  ASSERT_EQ(h.add(parent), "");
+  h.run();
+  EXPECT_GT(h.engine.stats().preemptions, 0u);
+  for (Item* it : samples) {
+    SCOPED_TRACE(it->r->request_id);
+    EXPECT_EQ(it->rec.outputs, expected_outputs(24));
+    EXPECT_EQ(it->rec.finishes, 1);
+  }
+  EXPECT_EQ(h.engine.stats().generation_tokens, 4u * 24u);
+  EXPECT_TRUE(h.all_blocks_free());
+}
+
+TEST(Engine, AbortAndForks) {
+  enum class What { kParentWaiting, kParentMidPrefill, kPendingFork, kRunningFork, kParentAfterFork };
+  for (What what : {What::kParentWaiting, What::kParentMidPrefill, What::kPendingFork,
+                    What::kRunningFork, What::kParentAfterFork}) {
+    SCOPED_TRACE(static_cast<int>(what));
+    Harness h(small_profile());
+    Item& parent = h.make(seq(40, 1), 4);  // prefilled over 3 steps
+    Item& f1 = h.fork_of(parent, 4);
+    Item& f2 = h.fork_of(parent, 4);
+    ASSERT_EQ(h.add(parent), "");
+    std::vector<Item*> aborted, survivors;
+    switch (what) {
+      case What::kParentWaiting:
+        h.engine.abort(parent.r->id);
+        aborted = {&parent, &f1, &f2};
+        break;
+      case What::kParentMidPrefill:
+        ASSERT_TRUE(h.step());
+        h.engine.abort(parent.r->id);
+        aborted = {&parent, &f1, &f2};
+        break;
+      case What::kPendingFork:
+        ASSERT_TRUE(h.step());
+        h.engine.abort(f1.r->id);
+        EXPECT_EQ(h.engine.num_waiting(), 1u) << "f2 still waits for the prompt";
+        aborted = {&f1};
+        survivors = {&parent, &f2};
+        break;
+      case What::kRunningFork:
+        for (int i = 0; i < 4; ++i) ASSERT_TRUE(h.step());
+        ASSERT_EQ(f1.rec.outputs.size(), 2u);
+        h.engine.abort(f1.r->id);
+        aborted = {&f1};
+        survivors = {&parent, &f2};
+        break;
+      case What::kParentAfterFork:
+        for (int i = 0; i < 4; ++i) ASSERT_TRUE(h.step());
+        h.engine.abort(parent.r->id);
+        aborted = {&parent};
+        survivors = {&f1, &f2};
+        break;
+    }
+    std::vector<std::size_t> outputs_at_abort;
+    for (Item* it : aborted) outputs_at_abort.push_back(it->rec.outputs.size());
+    h.run();
+    for (std::size_t i = 0; i < aborted.size(); ++i) {
+      EXPECT_TRUE(aborted[i]->r->finished);
+      EXPECT_EQ(aborted[i]->rec.finishes, 0) << "no callback for an abort";
+      EXPECT_EQ(aborted[i]->rec.outputs.size(), outputs_at_abort[i]);
+    }
+    for (Item* it : survivors) {
+      EXPECT_EQ(it->rec.outputs, expected_outputs(4));
+      EXPECT_EQ(it->rec.finishes, 1);
+    }
+    EXPECT_EQ(h.engine.stats().requests_aborted, aborted.size());
+    EXPECT_EQ(h.engine.num_waiting(), 0u);
+    EXPECT_EQ(h.engine.num_running(), 0u);
+    EXPECT_TRUE(h.all_blocks_free());
+  }
+}
+
+// A P/D decode with n > 1: the KV is loaded once, then every sample decodes from it.
+TEST(Engine, ForksOfARemoteKvLoad) {
+  for (bool ok : {true, false}) {
+    SCOPED_TRACE(ok ? "load ok" : "load failed");
+    Harness h(small_profile());
+    Item& parent = h.make(seq(22, 40), 3);
+    parent.r->remote_kv_load = true;
+    Item& f1 = h.fork_of(parent, 2);
+    Item& f2 = h.fork_of(parent, 4);
+    ASSERT_EQ(h.add(parent), "");
+    EXPECT_FALSE(h.step());
+    ASSERT_EQ(h.loads, std::vector<std::uint64_t>{parent.r->id});
+    EXPECT_EQ(h.engine.num_waiting(), 3u);
+    h.engine.kv_load_done(parent.r->id, ok, false, ok ? "" : "transfer failed", h.now);
+    if (!ok) {
+      for (Item* it : {&parent, &f1, &f2}) {
+        EXPECT_EQ(it->rec.finishes, 1);
+        EXPECT_EQ(it->rec.reason, FinishReason::kError);
+        EXPECT_EQ(it->rec.error, "transfer failed");
+        EXPECT_TRUE(it->rec.outputs.empty());
+      }
+      EXPECT_EQ(h.engine.stats().requests_failed, 3u);
+      EXPECT_EQ(h.engine.num_waiting(), 0u);
+      EXPECT_FALSE(h.step());
+      EXPECT_TRUE(h.all_blocks_free());
+      continue;
+    }
+    h.run();
+    EXPECT_EQ(parent.rec.outputs, expected_outputs(3));
+    EXPECT_EQ(f1.rec.outputs, expected_outputs(2));
+    EXPECT_EQ(f2.rec.outputs, expected_outputs(4));
+    std::uint64_t prefill = 0;
+    for (const auto& w : h.works) prefill += w.prefill_tokens;
+    EXPECT_EQ(prefill, 1u) << "only the last prompt token, once";
+    EXPECT_EQ(h.loads.size(), 1u) << "one load for every sample";
+    EXPECT_TRUE(h.all_blocks_free());
+  }
+}
+
+// A P/D prefill with n > 1: the prompt is computed once and only the parent holds its KV.
+TEST(Engine, ForksOfAHeldPrefillAreNotHeld) {
+  Harness h(small_profile());
+  Item& parent = h.make(seq(10, 5), 1);
+  parent.r->hold_blocks_after_finish = true;
+  Item& f1 = h.fork_of(parent, 1);
+  Item& f2 = h.fork_of(parent, 1);
+  ASSERT_EQ(h.add(parent), "");
+  h.run();
+  ASSERT_EQ(h.works.size(), 1u);
+  EXPECT_EQ(h.works[0].prefill_tokens, 10u);
+  for (Item* it : {&parent, &f1, &f2}) {
+    EXPECT_EQ(it->rec.outputs, expected_outputs(1));
+    EXPECT_EQ(it->rec.reason, FinishReason::kLength);
+  }
+  EXPECT_EQ(h.engine.num_held(), 1u);
+  ASSERT_EQ(h.engine.find_held(parent.r->id), parent.r.get());
+  EXPECT_EQ(h.engine.find_held(f1.r->id), nullptr);
+  for (auto b : parent.r->blocks) EXPECT_EQ(h.engine.pool().ref_count(b), 1u);
+  EXPECT_EQ(h.engine.pool().num_free(), 64u - 3u);
+  EXPECT_TRUE(h.engine.release_held(parent.r->id));
+  EXPECT_TRUE(h.all_blocks_free());
+}
+
+TEST(Engine, AddRejectsForksThatCannotRun) {
+  struct Case {
+    const char* name;
+    std::function<void(SeqRequest& parent, SeqRequest& fork)> setup;
+    const char* error_contains;
+  };
+  const std::vector<Case> cases = {
+      {"fork with no output", [](SeqRequest&, SeqRequest& f) { f.max_output_tokens = 0; },
+       "max_tokens"},
+      {"fork over max_model_len",
+       [](SeqRequest& p, SeqRequest& f) {
+         p.tokens = seq(250, 1);
+         p.max_output_tokens = 2;
+         f.max_output_tokens = 7;
+       },
+       "max_model_len"},
+      {"fork loading remote KV", [](SeqRequest&, SeqRequest& f) { f.remote_kv_load = true; },
+       "fork"},
+      {"fork holding its blocks",
+       [](SeqRequest&, SeqRequest& f) { f.hold_blocks_after_finish = true; }, "fork"},
+      {"fork with forks",
+       [](SeqRequest&, SeqRequest& f) { f.forks.push_back(std::make_shared<SeqRequest>()); },
+       "fork"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    Harness h(small_profile());
+    Item& parent = h.make(seq(10, 1), 2);
+    Item& f = h.fork_of(parent, 2);
+    c.setup(*parent.r, *f.r);
+    const std::string err = h.add(parent);
+    EXPECT_NE(err.find(c.error_contains), std::string::npos) << err;
+    EXPECT_EQ(parent.r->id, 0u);
+    EXPECT_EQ(f.r->id, 0u);
+    EXPECT_EQ(h.engine.num_waiting(), 0u);
+    EXPECT_EQ(h.engine.stats().prompt_tokens, 0u);
+  }
+  Harness h(small_profile());
+  Item& parent = h.make(seq(10, 1), 2);
+  parent.r->forks.push_back(parent.r);
+  EXPECT_NE(h.add(parent), "");
+  parent.r->forks = {nullptr};
+  EXPECT_NE(h.add(parent), "");
 }
 
 // ---------------------------------------------------------------------------------------------

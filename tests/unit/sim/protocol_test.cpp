@@ -515,8 +515,25 @@ TEST(Protocol, OpenAiValidationErrors) {
        400,
        "Bad Request",
        "body.messages"},
-      {"n = 2", Api::kCompletions, {{"prompt", "x"}, {"n", 2}}, 400, nullptr, "n"},
-      {"n = 2 chat", Api::kChatCompletions, {{"messages", msgs}, {"n", 2}}, 400, nullptr, "n"},
+      {"n = 0", Api::kCompletions, {{"prompt", "x"}, {"n", 0}}, 400, "BadRequestError", "n"},
+      {"n = -1 chat",
+       Api::kChatCompletions,
+       {{"messages", msgs}, {"n", -1}},
+       400,
+       "BadRequestError",
+       "n"},
+      {"n over the limit",
+       Api::kCompletions,
+       {{"prompt", "x"}, {"n", Protocol::kMaxN + 1}},
+       400,
+       "BadRequestError",
+       "n"},
+      {"n huge", Api::kCompletions, {{"prompt", "x"}, {"n", UINT64_MAX}}, 400, nullptr, "n"},
+      {"n a string", Api::kCompletions, {{"prompt", "x"}, {"n", "2"}}, 400, "Bad Request", "body.n"},
+      {"n fractional", Api::kCompletions, {{"prompt", "x"}, {"n", 1.5}}, 400, "Bad Request",
+       "body.n"},
+      {"n a boolean", Api::kCompletions, {{"prompt", "x"}, {"n", true}}, 400, "Bad Request",
+       "body.n"},
       {"token id = vocab size",
        Api::kCompletions,
        {{"prompt", {1, 129280}}},
@@ -580,6 +597,69 @@ TEST(Protocol, OpenAiValidationErrors) {
   // The mentioned bad token id is in the message.
   const auto e = fail(vllm(), Api::kCompletions, json{{"prompt", {1, 129280}}});
   EXPECT_NE(e.body.find("129280"), std::string::npos) << e.body;
+}
+
+TEST(Protocol, ParallelSamplingN) {
+  const json msgs = json::array({{{"role", "user"}, {"content", "hi"}}});
+  for (EngineKind k : {EngineKind::kVllm, EngineKind::kSglang}) {
+    SCOPED_TRACE(name(k));
+    const Protocol& p = proto(k);
+    EXPECT_EQ(ok(p, Api::kCompletions, {{"prompt", "x"}}).n, 1u);
+    EXPECT_EQ(ok(p, Api::kCompletions, {{"prompt", "x"}, {"n", nullptr}}).n, 1u);
+    EXPECT_EQ(ok(p, Api::kCompletions, {{"prompt", "x"}, {"n", 1}}).n, 1u);
+    const ParsedRequest c = ok(p, Api::kCompletions, {{"prompt", "x"}, {"n", 3}, {"stream", true}});
+    EXPECT_EQ(c.n, 3u);
+    EXPECT_EQ(c.prompts.size(), 1u) << "n samples share one prompt";
+    EXPECT_FALSE(c.batch);
+    const ParsedRequest b = ok(p, Api::kCompletions, {{"prompt", {"a", "b"}}, {"n", 2}});
+    EXPECT_EQ(b.n, 2u);
+    EXPECT_EQ(b.prompts.size(), 2u);
+    EXPECT_TRUE(b.batch);
+    EXPECT_EQ(ok(p, Api::kChatCompletions, {{"messages", msgs}, {"n", Protocol::kMaxN}}).n,
+              static_cast<std::uint32_t>(Protocol::kMaxN));
+  }
+  // vLLM P/D legs carry n through: a prefill (max_tokens 1) and a decode with n > 1.
+  const ParsedRequest pd = ok(vllm(), Api::kCompletions,
+                              {{"prompt", "x"},
+                               {"n", 4},
+                               {"max_tokens", 1},
+                               {"kv_transfer_params", {{"do_remote_decode", true}}}});
+  EXPECT_EQ(pd.n, 4u);
+  ASSERT_TRUE(pd.kv_transfer_params.has_value());
+  // SGLang /generate: sampling_params.n, for text and input_ids, single or batch.
+  const json sp = {{"max_new_tokens", 3}, {"n", 3}};
+  EXPECT_EQ(ok(sglang(), Api::kGenerate, {{"text", "a"}, {"sampling_params", sp}}).n, 3u);
+  const ParsedRequest g =
+      ok(sglang(), Api::kGenerate, {{"input_ids", {{1, 2}, {3}}}, {"sampling_params", sp}});
+  EXPECT_EQ(g.n, 3u);
+  EXPECT_EQ(g.prompts.size(), 2u);
+  EXPECT_EQ(ok(sglang(), Api::kGenerate, {{"text", "a"}, {"sampling_params", kFewTokens}}).n, 1u);
+  // n = 1 with bootstrap fields is the ordinary P/D case.
+  EXPECT_EQ(ok(sglang(), Api::kGenerate,
+               {{"text", "a"},
+                {"sampling_params", {{"max_new_tokens", 2}, {"n", 1}}},
+                {"bootstrap_host", "127.0.0.1"},
+                {"bootstrap_port", 8998},
+                {"bootstrap_room", 7}})
+                .bootstrap.size(),
+            1u);
+  // The OpenAI endpoints of SGLang refuse n > 1 with bootstrap fields too, in their shape.
+  const auto e = fail(sglang(), Api::kCompletions,
+                      json{{"prompt", "x"},
+                           {"n", 2},
+                           {"max_tokens", 2},
+                           {"bootstrap_host", "127.0.0.1"},
+                           {"bootstrap_port", 8998},
+                           {"bootstrap_room", 7}});
+  EXPECT_EQ(e.status, 400);
+  EXPECT_NE(error_of(EngineKind::kSglang, Api::kCompletions, e).at("message").get<std::string>()
+                .find("n > 1"),
+            std::string::npos);
+  // vLLM's own wording for n < 1.
+  EXPECT_EQ(error_of(EngineKind::kVllm, Api::kCompletions,
+                     fail(vllm(), Api::kCompletions, json{{"prompt", "x"}, {"n", 0}}))
+                .at("message"),
+            "n must be at least 1, got 0.");
 }
 
 TEST(Protocol, PromptTooLong) {
@@ -648,6 +728,16 @@ TEST(Protocol, GenerateErrors) {
       {"max_new_tokens not an int",
        {{"text", "a"}, {"sampling_params", {{"max_new_tokens", "3"}}}}},
       {"stream not a boolean", {{"text", "a"}, {"stream", 1}}},
+      {"n 0", {{"text", "a"}, {"sampling_params", {{"max_new_tokens", 2}, {"n", 0}}}}},
+      {"n not an int", {{"text", "a"}, {"sampling_params", {{"max_new_tokens", 2}, {"n", "2"}}}}},
+      {"n over the limit",
+       {{"text", "a"}, {"sampling_params", {{"max_new_tokens", 2}, {"n", Protocol::kMaxN + 1}}}}},
+      {"n > 1 with bootstrap fields",
+       {{"text", "a"},
+        {"sampling_params", {{"max_new_tokens", 2}, {"n", 2}}},
+        {"bootstrap_host", "127.0.0.1"},
+        {"bootstrap_port", 8998},
+        {"bootstrap_room", 7}}},
   };
   for (const auto& [what, body] : cases) {
     SCOPED_TRACE(what);
@@ -744,6 +834,32 @@ TEST(Protocol, OpenAiResponseCompletions) {
   EXPECT_EQ(u.at("prompt_tokens_details").at("cached_tokens"), 8);
   ASSERT_TRUE(j.contains("kv_transfer_params"));
   EXPECT_TRUE(j.at("kv_transfer_params").is_null());
+}
+
+TEST(Protocol, OpenAiResponseCountsEachPromptOnce) {
+  // Two prompts with n = 2: choices prompt-major, the prompt counted at sample 0 only.
+  std::vector<ChoiceResult> choices = {
+      {"a", {1, 2}, "length", 10, 4, 0},
+      {"b", {3}, "stop", 10, 4, 1},
+      {"c", {4, 5, 6}, "length", 7, 0, 0},
+      {"d", {7}, "stop", 7, 0, 1},
+  };
+  for (Api api : {Api::kCompletions, Api::kChatCompletions}) {
+    const json j = json::parse(openai_response(api, meta(), choices, nullptr));
+    ASSERT_EQ(j.at("choices").size(), 4u);
+    for (std::size_t i = 0; i < 4; ++i) {
+      const json& c = j.at("choices")[i];
+      EXPECT_EQ(c.at("index"), i);
+      EXPECT_EQ(c.at("finish_reason"), choices[i].finish_reason);
+      EXPECT_EQ(api == Api::kChatCompletions ? c.at("message").at("content") : c.at("text"),
+                choices[i].text);
+    }
+    const json& u = j.at("usage");
+    EXPECT_EQ(u.at("prompt_tokens"), 17);
+    EXPECT_EQ(u.at("completion_tokens"), 7);
+    EXPECT_EQ(u.at("total_tokens"), 24);
+    EXPECT_EQ(u.at("prompt_tokens_details").at("cached_tokens"), 4);
+  }
 }
 
 TEST(Protocol, OpenAiResponseChatWithKvTransferParams) {
