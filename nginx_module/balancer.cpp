@@ -11,7 +11,10 @@
 // already tried for the duration of the call. Round robin thus still does the connecting, the
 // failure accounting (max_fails, fail_timeout), max_conns and backup servers, and keepalive
 // still finds cached connections. If the block names another balancer (least_conn, hash,
-// random, ...), that balancer's choice stands: the wrapper only accounts.
+// random, ...), that balancer's choice stands and the wrapper only accounts, except for a
+// forced server (the parallel prefill named in the body), which is steered the same way: every
+// stock balancer keeps round-robin peer data first and honours its tried bitmap. A third-party
+// balancer whose data cannot be recognised fails such a request rather than send it elsewhere.
 #include "omni_module.hpp"
 
 #include <omni/policy.hpp>
@@ -43,7 +46,8 @@ struct PeerData {
   ngx_event_get_peer_pt get;
   ngx_event_free_peer_pt free;
   void* data;
-  ngx_http_upstream_rr_peer_data_t* rrp;  // null: another balancer chooses
+  ngx_http_upstream_rr_peer_data_t* rrp;  // the balancer's round-robin data, if found
+  bool steer;                             // the policy chooses (round-robin blocks)
   PeerChoice choice;
   std::int32_t current;                   // server index of the connection in use, -1 none
 };
@@ -127,7 +131,8 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
   // Servers marked tried only for this call: at most 64 x 64 servers.
   std::uintptr_t marked[64] = {};
   bool steered = false;
-  if (rrp != nullptr && rrp->peers->number > 1 && rrp->peers->number <= 64 * 64) {
+  if (rrp != nullptr && (pd->steer || pd->choice.forced >= 0) && rrp->peers->number > 1 &&
+      rrp->peers->number <= 64 * 64) {
     const ngx_uint_t n = rrp->peers->number;
     const std::size_t words = (n + 8 * sizeof(std::uintptr_t) - 1) / (8 * sizeof(std::uintptr_t));
     std::int32_t chosen = pd->choice.forced;
@@ -174,6 +179,8 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
 
 void free_peer(ngx_peer_connection_t* pc, void* data, ngx_uint_t state) noexcept {
   auto* pd = static_cast<PeerData*>(data);
+  // A leg the proxy cancelled did not fail: its server must not be counted down.
+  if ((state & NGX_PEER_FAILED) && leg_cancelled(pd->r)) state &= ~NGX_PEER_FAILED;
   if (pd->current >= 0) leg_peer_released(pd->r, *pd->pool, pd->current, state);
   pd->free(pc, pd->data, state);
   pd->current = -1;
@@ -195,16 +202,35 @@ ngx_int_t init_peer(ngx_http_request_t* r, ngx_http_upstream_srv_conf_t* us) noe
   pd->data = u->peer.data;
   pd->choice = choice;
   pd->current = -1;
-  if (u->peer.get == ngx_http_upstream_get_round_robin_peer) {
-    pd->rrp = static_cast<ngx_http_upstream_rr_peer_data_t*>(u->peer.data);
-  } else {
-    const auto* kcf = static_cast<const ngx_uint_t*>(
-        ngx_http_conf_upstream_srv_conf(us, ngx_http_upstream_keepalive_module));
+  // The balancer's own peer data: every stock balancer (round robin, least_conn, hash,
+  // ip_hash, random) keeps an ngx_http_upstream_rr_peer_data_t first and honours its tried
+  // bitmap; keepalive wraps it. It is recognised by pointing at the block's peers.
+  void* data = u->peer.data;
+  ngx_event_get_peer_pt get = u->peer.get;
+  const auto* kcf = static_cast<const ngx_uint_t*>(
+      ngx_http_conf_upstream_srv_conf(us, ngx_http_upstream_keepalive_module));
+  if (kcf != nullptr && *kcf != 0) {  // keepalive is configured: its data comes first
     const auto* kp = static_cast<const KeepalivePeerData*>(u->peer.data);
-    if (kcf != nullptr && *kcf != 0 && kp != nullptr && kp->upstream == u &&
-        kp->original_get_peer == ngx_http_upstream_get_round_robin_peer) {
-      pd->rrp = static_cast<ngx_http_upstream_rr_peer_data_t*>(kp->data);
+    if (kp != nullptr && kp->upstream == u) {
+      data = kp->data;
+      get = kp->original_get_peer;
+    } else {
+      data = nullptr;
     }
+  }
+  auto* rrp = static_cast<ngx_http_upstream_rr_peer_data_t*>(data);
+  if (rrp != nullptr && rrp->peers == us->peer.data) {
+    pd->rrp = rrp;
+    // The policy chooses for round-robin blocks; a block that names its own method keeps it,
+    // except for a forced server (the parallel prefill named in the body).
+    pd->steer = get == ngx_http_upstream_get_round_robin_peer;
+  }
+  if (choice.forced >= 0 && pd->rrp == nullptr) {
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "omni_proxy: upstream \"%V\" uses a balancer that cannot be told which "
+                  "prefill server to use; use round robin (no method directive) for it",
+                  &us->host);
+    return NGX_ERROR;
   }
   // A forced server (the parallel prefill, named in the body) must not be retried elsewhere.
   if (choice.forced >= 0) u->peer.tries = 1;

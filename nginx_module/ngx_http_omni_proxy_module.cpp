@@ -32,7 +32,7 @@ using omni::ngx::log_exception;
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 2;
+constexpr uint32_t kZoneLayoutVersion = 3;
 constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
 constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
 constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
@@ -54,6 +54,7 @@ struct ZoneHeader {
   uint64_t state_bytes;
   std::atomic<int32_t> poller_pid;  // the worker polling engine metrics (0: none)
   int32_t pad;
+  std::atomic<uint64_t> poller_beat_msec;  // when that worker last polled (ngx_current_msec)
 };
 
 char* set_zone(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
@@ -299,14 +300,22 @@ std::string backend_name(std::int32_t backend) {
   return {};
 }
 
-// The poller's claim on polling (poller.cpp): one worker at a time polls.
-bool claim_poller() noexcept {
+// The poller's claim on polling (poller.cpp): one worker at a time polls. Another worker takes
+// over when the poller died or stopped polling (a worker draining after a reload no longer
+// polls): its heartbeat is older than `stale_msec`.
+bool claim_poller(ngx_msec_t stale_msec) noexcept {
   ZoneHeader* z = runtime().zone;
   if (z == nullptr) return false;
+  const auto now = static_cast<uint64_t>(ngx_current_msec);
   int32_t cur = z->poller_pid.load();
-  if (cur == ngx_pid) return true;
-  if (cur != 0 && omni::pid_alive(cur)) return false;
-  return z->poller_pid.compare_exchange_strong(cur, ngx_pid);
+  if (cur != ngx_pid) {
+    const uint64_t beat = z->poller_beat_msec.load();
+    const bool stale = now > beat && now - beat > stale_msec;
+    if (cur != 0 && omni::pid_alive(cur) && !stale) return false;
+    if (!z->poller_pid.compare_exchange_strong(cur, ngx_pid)) return false;
+  }
+  z->poller_beat_msec.store(now);
+  return true;
 }
 
 }  // namespace omni::ngx

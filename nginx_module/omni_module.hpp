@@ -129,12 +129,15 @@ bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept;
 void leg_peer_chosen(ngx_http_request_t* r, const Pool& pool, std::int32_t server) noexcept;
 void leg_peer_released(ngx_http_request_t* r, const Pool& pool, std::int32_t server,
                        ngx_uint_t state) noexcept;
+// True when the leg was ended by the proxy (the other P/D leg failed): its server did not fail.
+bool leg_cancelled(ngx_http_request_t* r) noexcept;
 
 // --- Metrics poller (poller.cpp) --------------------------------------------------------------
 void poller_start(ngx_cycle_t* cycle) noexcept;
 // True when this worker is (or just became) the one polling: one worker polls at a time, and
-// another takes over when it dies (ngx_http_omni_proxy_module.cpp).
-bool claim_poller() noexcept;
+// another takes over when it dies or stops polling for `stale_msec`
+// (ngx_http_omni_proxy_module.cpp).
+bool claim_poller(ngx_msec_t stale_msec) noexcept;
 void poller_stop() noexcept;
 
 // --- Variables (variables.cpp) ---------------------------------------------------------------

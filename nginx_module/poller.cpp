@@ -178,7 +178,7 @@ void start(PollJob& job) noexcept try {
 void on_tick(ngx_event_t* ev) noexcept {
   Poller& p = poller();
   if (ngx_exiting || ngx_quit || ngx_terminate) return;
-  if (claim_poller()) {
+  if (claim_poller(std::max<ngx_msec_t>(3 * p.interval, 3000))) {
     omni::SharedState* st = shared_state();
     for (auto& job : p.jobs) {
       if (job->active) continue;

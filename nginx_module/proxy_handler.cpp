@@ -86,6 +86,7 @@ struct Ctx {
   ngx_http_chunked_t chunked{};
   bool scanning = false;  // the decode answer is a success: scan it for tokens
   bool drain = false;     // a parallel prefill's successful answer: read and dropped
+  bool cancelled = false; // ended by cancel_leg: not the server's failure
   // An nginx-generated error page being replaced with OpenAI-style JSON (pool memory).
   ngx_str_t json_error{};
   bool json_error_sent = false;
@@ -306,6 +307,9 @@ ngx_int_t create_request(ngx_http_request_t* r) noexcept try {
   if (bb == nullptr) return NGX_ERROR;
   bb->pos = reinterpret_cast<u_char*>(const_cast<char*>(body.data()));
   bb->last = bb->pos + body.size();
+  // A retry rewinds pos to start (ngx_http_upstream_reinit): both ends must be set.
+  bb->start = bb->pos;
+  bb->end = bb->last;
   bb->memory = 1;
   ngx_chain_t* cl = ngx_alloc_chain_link(r->pool);
   ngx_chain_t* cl2 = ngx_alloc_chain_link(r->pool);
@@ -342,6 +346,15 @@ void decode_header_done(ngx_http_request_t* r) noexcept {
   if (ctx == nullptr || ctx->state == nullptr) return;
   State& st = *ctx->state;
   const ngx_uint_t status = r->upstream->headers_in.status_n;
+  // An engine that answers 5xx failed this request, whether or not nginx retries it
+  // (connection errors and timeouts are counted when nginx releases the server).
+  if (status >= NGX_HTTP_INTERNAL_SERVER_ERROR) {
+    const std::int32_t backend = ctx->leg == Leg::kPrefill || st.lcf->mode == kModeAggregated
+                                     ? st.prefill_backend
+                                     : st.decode_backend;
+    omni::SharedState* ss = shared_state();
+    if (ss != nullptr && backend >= 0) ss->count_error(static_cast<std::uint16_t>(backend));
+  }
   if (ctx->leg == Leg::kPrefill) {
     // Parallel P/D only needs to know the prefill succeeded: its answer is not kept (it may
     // hold every generated token).
@@ -543,6 +556,7 @@ void abort_request(ngx_http_request_t*) noexcept {}
 void cancel_leg(ngx_http_request_t* leg_r) noexcept {
   ngx_http_upstream_t* u = leg_r->upstream;
   if (u == nullptr || u->cleanup == nullptr) return;  // not started, or already finalized
+  if (Ctx* ctx = get_ctx(leg_r)) ctx->cancelled = true;
   u->peer.tries = 1;
   ngx_connection_t* c = u->peer.connection;
   if (c == nullptr || c->fd == NGX_INVALID_FILE) return;
@@ -1246,9 +1260,18 @@ void leg_peer_chosen(ngx_http_request_t* r, const Pool& pool, std::int32_t serve
   }
 }
 
-void leg_peer_released(ngx_http_request_t*, const Pool& pool, std::int32_t server,
+bool leg_cancelled(ngx_http_request_t* r) noexcept {
+  Ctx* ctx = get_ctx(r);
+  return ctx != nullptr && ctx->cancelled;
+}
+
+void leg_peer_released(ngx_http_request_t* r, const Pool& pool, std::int32_t server,
                        ngx_uint_t state) noexcept {
   if (!(state & NGX_PEER_FAILED)) return;
+  // A 5xx answer was counted when its header arrived.
+  if (r->upstream != nullptr && r->upstream->headers_in.status_n >= NGX_HTTP_INTERNAL_SERVER_ERROR) {
+    return;
+  }
   if (omni::SharedState* ss = shared_state()) {
     ss->count_error(static_cast<std::uint16_t>(pool.base + server));
   }

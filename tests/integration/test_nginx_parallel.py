@@ -518,6 +518,42 @@ class NginxParallelPdTest(_Base):
 # --- failing legs --------------------------------------------------------------------------------
 
 
+class NginxParallelOtherBalancerTest(_Base):
+    """A prefill block with its own balancer method: the prefill named in the body is still the
+    one the prefill leg goes to."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.prefill = Sim("--engine", "sglang", "--role", "prefill", "--instances", "2",
+                          "--bootstrap-port", "0")
+        cls.decode = Sim("--engine", "sglang", "--role", "decode")
+        cls.sims = [cls.prefill, cls.decode]
+        try:
+            cls.port = free_port()
+            conf = ("    omni_proxy_zone omni 4m;\n    omni_proxy_poll_interval 200ms;\n"
+                    "    upstream lc_prefill {\n        least_conn;\n" +
+                    "".join("        server 127.0.0.1:%d max_fails=0;\n" % cls.prefill.port(i)
+                            for i in range(2)) +
+                    "        keepalive 8;\n    }\n" + upstream("lc_decode", [cls.decode.port()]) +
+                    STATUS_SERVER + parallel_server(cls.port, "lc_prefill", "lc_decode"))
+            cls.start_nginx(conf)
+            cls.wait_bootstrap_ports("lc_prefill", cls.prefill)
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    def test_forced_prefill_with_least_conn(self):
+        for i in range(8):
+            r = call(self.port, "/generate", {"input_ids": fresh_ids(40),
+                                               "sampling_params": {"max_new_tokens": 3}})
+            self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(sum(counter(self.prefill, "omni_sim:bootstrap_timeouts_total", i)
+                             for i in range(2)), 0)
+        rows = backend_rows(self.nginx.port, "lc_prefill")
+        self.assertEqual(sum(b["requests_total"] for b in rows), 8)
+        self.assertEqual(sum(b["errors_total"] for b in rows), 0)
+
+
 class NginxParallelFailureTest(_Base):
     """One nginx; each scenario has its own server block (port) and its own sims."""
 
@@ -660,6 +696,12 @@ class NginxParallelFailureTest(_Base):
                 self.assert_released(self.d_for_perr, self.p_err)
                 self.assertEqual(counter(self.d_for_perr, "sglang:num_requests_total"), d_ok_before)
         self.assertEqual(counter(self.d_for_perr, "omni_sim:kv_blocks_received_total"), 0)
+        # The decode the proxy cancelled did not fail: it is not counted (nor, for nginx's
+        # max_fails, marked) as failing.
+        self.assertEqual([b["errors_total"] for b in backend_rows(self.nginx.port, "d_for_perr")],
+                         [0])
+        self.assertGreaterEqual(sum(b["errors_total"]
+                                    for b in backend_rows(self.nginx.port, "p_err")), 3)
 
     def test_failing_decode_cancels_prefill_bootstrap_wait(self):
         port = self.ports["derr"]

@@ -57,6 +57,24 @@ def prom(port):
     return text, values
 
 
+def worker_pids(nginx):
+    """The pids of the nginx master's worker processes, from /proc."""
+    with open(os.path.join(nginx.dir, "nginx.pid")) as f:
+        master = int(f.read())
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            pids.add(int(entry))
+    return pids
+
+
 def open_stream(port, path, body, request_id=None, timeout=30):
     """Sends a request and returns the open socket without reading the answer."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -419,6 +437,99 @@ class NginxOtherBalancerTest(unittest.TestCase):
             n.cleanup()
             for s in sims:
                 s.stop()
+
+
+class NginxRetryAndPollerTest(unittest.TestCase):
+    """A prefill leg answered 500 after the request was sent is retried on the other server
+    with the same body; the metrics poller moves to a new worker when the polling one drains
+    after a reload."""
+
+    def test_prefill_500_is_retried_with_the_full_body(self):
+        bad = Sim("--engine", "vllm", "--role", "prefill", "--fault-error-rate", "1")
+        good = Sim("--engine", "vllm", "--role", "prefill")
+        dec = Sim("--engine", "vllm", "--role", "decode")
+        n = Nginx("""
+    omni_proxy_zone omni 1m;
+    upstream p {{ server 127.0.0.1:{bad} max_fails=0; server 127.0.0.1:{good} max_fails=0;
+                  keepalive 4; }}
+    upstream d {{ server 127.0.0.1:{dec}; keepalive 4; }}
+    server {{
+        listen 127.0.0.1:PORT;
+        location /v1/ {{ omni_proxy; omni_proxy_mode sequential;
+                        omni_proxy_prefill_upstream p; omni_proxy_decode_upstream d; }}
+        location = /omni/status {{ omni_proxy_status; }}
+    }}
+""".format(bad=bad.port(), good=good.port(), dec=dec.port()))
+        try:
+            self.assertEqual(n.run().returncode, 0)
+            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            for i in range(6):
+                r = post(n.port, "/v1/completions", {"prompt": "retry %d " % i * 30,
+                                                      "max_tokens": 3})
+                self.assertEqual(r.status, 200, r.body)
+                self.assertEqual(r.json()["usage"]["completion_tokens"], 3)
+            rows = {b["name"]: b for b in status(n.port)["backends"] if b["pool"] == "p"}
+            bad_row = rows["127.0.0.1:%d" % bad.port()]
+            good_row = rows["127.0.0.1:%d" % good.port()]
+            self.assertGreaterEqual(bad_row["errors_total"], 1)
+            self.assertGreaterEqual(bad_row["retries_total"], 1)
+            self.assertEqual(good_row["errors_total"], 0)
+            self.assertEqual(metric(metrics(good.port()), "vllm:request_success_total"), 6)
+        finally:
+            try:
+                n.cleanup()  # fails on nginx alerts (a retry that sent a broken body did)
+            finally:
+                for s in (bad, good, dec):
+                    s.stop()
+
+    def test_poller_moves_to_a_new_worker_after_reload(self):
+        eng = Sim("--engine", "vllm")
+        hang = Sim("--engine", "vllm", "--fault-hang-rate", "1")
+        n = Nginx("""
+    omni_proxy_zone omni 1m;
+    omni_proxy_poll_interval 200ms;
+    upstream e {{ server 127.0.0.1:{eng}; }}
+    upstream h {{ server 127.0.0.1:{hang}; }}
+    server {{
+        listen 127.0.0.1:PORT;
+        omni_proxy_decode_timeout 60s;
+        location /v1/ {{ omni_proxy; omni_proxy_upstream h; }}
+        location /e/ {{ omni_proxy; omni_proxy_upstream e; }}
+        location = /omni/status {{ omni_proxy_status; }}
+    }}
+""".format(eng=eng.port(), hang=hang.port()))
+        socks = []
+        try:
+            self.assertEqual(n.run().returncode, 0)
+            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            self.assertTrue(wait_until(lambda: status(n.port)["zone"]["poller_pid"] != 0, 5))
+            old_workers = worker_pids(n)
+            self.assertIn(status(n.port)["zone"]["poller_pid"], old_workers)
+            # Requests that never end keep the old workers draining after the reload.
+            for i in range(8):
+                socks.append(open_stream(n.port, "/v1/completions", {"prompt": "h%d" % i}))
+            self.assertTrue(wait_until(lambda: status(n.port)["slots"]["used"] == 8, 5))
+            self.assertEqual(n.run("-s", "reload").returncode, 0)
+
+            def new_poller():
+                st = status(n.port)
+                return st["zone"]["poller_pid"] not in old_workers and st["zone"]["generation"] == 1
+            self.assertTrue(wait_until(new_poller, 8), status(n.port))
+
+            def fresh():
+                st = status(n.port)
+                e = [b for b in st["backends"] if b["pool"] == "e"][0]["engine"]
+                return e is not None and e["polled_ns"]
+            first = fresh()
+            self.assertTrue(wait_until(lambda: fresh() != first, 3))
+        finally:
+            for s in socks:
+                s.close()
+            try:
+                n.cleanup()
+            finally:
+                eng.stop()
+                hang.stop()
 
 
 class NginxSlotsTest(unittest.TestCase):
