@@ -97,8 +97,9 @@ start() {  # name, args...
 start prefill --engine vllm --role prefill --instances 2 --port "$PREFILL_PORT" --kv-events
 start decode --engine vllm --role decode --instances 2 --port "$DECODE_PORT" --kv-events
 
-# `zone` shares each pool's round-robin state between the two workers, so consecutive requests
-# alternate between the instances whichever worker takes them.
+# omni_proxy picks the instance with the fewest outstanding requests over both workers (ties go
+# to a hash of the request id); `zone` shares nginx's own per-server state (failures,
+# connections) between the workers.
 cat > "$run_dir/nginx.conf" <<EOF
 # Written by scripts/demo.sh: vLLM-style sequential P/D behind nginx.
 load_module $MODULE_SO;
