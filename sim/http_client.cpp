@@ -32,23 +32,32 @@ class Call : public ClientCall, public std::enable_shared_from_this<Call> {
     resolver_.async_resolve(host, std::to_string(port),
                             [self = shared_from_this()](beast::error_code ec,
                                                         tcp::resolver::results_type results) {
+                              if (self->cancelled_) return;  // resolved as it was cancelled
                               if (ec) return self->fail(ec, "resolve");
                               self->stream_.async_connect(
                                   results, [self](beast::error_code ec, const tcp::endpoint&) {
+                                    if (self->cancelled_) return self->close();
                                     if (ec) return self->fail(ec, "connect");
                                     self->send();
                                   });
                             });
   }
 
+  // A completion already queued when cancel() runs still arrives; cancelled_ stops the call
+  // there, so a cancelled call never connects or sends.
   void cancel() override {
+    cancelled_ = true;
     done_ = nullptr;
-    beast::error_code ec;
     resolver_.cancel();
-    stream_.socket().close(ec);
+    close();
   }
 
  private:
+  void close() {
+    beast::error_code ec;
+    stream_.socket().close(ec);
+  }
+
   void send() {
     bhttp::async_write(stream_, req_, [self = shared_from_this()](beast::error_code ec,
                                                                    std::size_t) {
@@ -86,6 +95,7 @@ class Call : public ClientCall, public std::enable_shared_from_this<Call> {
   bhttp::request<bhttp::string_body> req_;
   bhttp::response<bhttp::string_body> res_;
   std::function<void(ClientResult)> done_;
+  bool cancelled_ = false;
 };
 
 }  // namespace

@@ -166,7 +166,13 @@ Instance::Instance(asio::io_context& io, zmq::context_t* zmq_ctx, InstanceConfig
   }
 }
 
-Instance::~Instance() = default;
+Instance::~Instance() {
+  // Closing a server runs its sessions' disconnect callbacks, which reach into this instance's
+  // jobs and bootstrap rooms: close the servers while those members still exist.
+  bootstrap_server_.reset();
+  side_server_.reset();
+  server_.reset();
+}
 
 json Instance::describe() const {
   json j = {{"index", cfg_.index},
@@ -826,6 +832,12 @@ void Instance::handle_side(http::Request&& req, const std::shared_ptr<http::Resp
 void Instance::start_sglang_join(const std::shared_ptr<Job>& job, std::size_t i, SeqRequest& r) {
   const BootstrapInfo& b = job->parsed.bootstrap[i];
   const std::uint64_t id = r.id;
+  if (job->done) {
+    // The request was aborted (its client went away) before the engine got to its KV: no join,
+    // or it would wait for the prefill with nobody to answer.
+    engine_->kv_load_done(id, false, false, "the request was aborted", now_ms());
+    return;
+  }
   const std::uint64_t room = b.room;
   json body = {{"room", room},
                {"num_blocks", r.num_remote_blocks},

@@ -66,9 +66,13 @@ class Sim:
         out = self.output()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-        # Under the sanitizer build, a report anywhere in the run fails the test.
+        # Under the sanitizer build, a report anywhere in the run fails the test; the report
+        # itself (its first stack traces) is what tells the cause.
         if "Sanitizer" in out or "runtime error:" in out:
-            raise AssertionError("omni-sim reported a sanitizer error:\n" + out[-4000:])
+            at = max(0, min(i for i in (out.find("ERROR: AddressSanitizer"),
+                                        out.find("runtime error:"), out.find("Sanitizer"))
+                            if i >= 0) - 200)
+            raise AssertionError("omni-sim reported a sanitizer error:\n" + out[at:at + 12000])
         if self.proc.returncode not in (0, -signal.SIGTERM):
             raise AssertionError("omni-sim exited with %s:\n%s" % (self.proc.returncode, out[-4000:]))
 
