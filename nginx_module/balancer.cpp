@@ -130,7 +130,7 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
   ngx_http_upstream_rr_peer_data_t* rrp = pd->rrp;
   // Servers marked tried only for this call: at most 64 x 64 servers.
   std::uintptr_t marked[64] = {};
-  bool steered = false;
+  std::size_t marked_words = 0;
   if (rrp != nullptr && (pd->steer || pd->choice.forced >= 0) && rrp->peers->number > 1 &&
       rrp->peers->number <= 64 * 64) {
     const ngx_uint_t n = rrp->peers->number;
@@ -154,15 +154,11 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
         rrp->tried[w] |= bit;
         marked[w] |= bit;
       }
-      steered = true;
+      marked_words = words;
     }
   }
   const ngx_int_t rc = pd->get(pc, pd->data);
-  if (steered) {
-    const std::size_t words =
-        (rrp->peers->number + 8 * sizeof(std::uintptr_t) - 1) / (8 * sizeof(std::uintptr_t));
-    for (std::size_t w = 0; w < words; ++w) rrp->tried[w] &= ~marked[w];
-  }
+  for (std::size_t w = 0; w < marked_words; ++w) rrp->tried[w] &= ~marked[w];
   pd->current = -1;
   if (rc == NGX_OK || rc == NGX_DONE) {
     pd->current = server_of(rrp, *pd->pool);

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace {
@@ -880,30 +881,48 @@ const char* engine_name(omni::EngineFlavor f) {
   return f == omni::EngineFlavor::kSglang ? "sglang" : "vllm";
 }
 
+// What the observability handlers show of omni_proxy_zone.
+struct ZoneView {
+  std::string name;
+  size_t size = 0;
+  size_t free_bytes = 0;  // unused slab pages
+  const ZoneHeader* header = nullptr;
+};
+
+std::optional<ZoneView> zone_view(const MainConf& mcf) {
+  if (mcf.zone == nullptr || mcf.zone->shm.addr == nullptr) return std::nullopt;
+  auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf.zone->shm.addr);
+  ZoneView v;
+  v.name.assign(reinterpret_cast<const char*>(mcf.zone->shm.name.data), mcf.zone->shm.name.len);
+  v.size = mcf.zone->shm.size;
+  ngx_shmtx_lock(&shpool->mutex);
+  v.free_bytes = shpool->pfree * ngx_pagesize;
+  ngx_shmtx_unlock(&shpool->mutex);
+  v.header = static_cast<const ZoneHeader*>(mcf.zone->data);
+  return v;
+}
+
+// GET and HEAD only, and the request body (if any) read away; NGX_OK to go on.
+ngx_int_t accept_get(ngx_http_request_t* r) {
+  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
+  return ngx_http_discard_request_body(r);
+}
+
 // omni_proxy_status: a JSON snapshot of backends, queues, stages and the zone.
 ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
-  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
-  ngx_int_t rc = ngx_http_discard_request_body(r);
-  if (rc != NGX_OK) return rc;
-
+  if (ngx_int_t rc = accept_get(r); rc != NGX_OK) return rc;
   auto* mcf = static_cast<MainConf*>(
       ngx_http_get_module_main_conf(r, ngx_http_omni_proxy_module));
   nlohmann::json j;
   j["version"] = omni::kVersion;
   j["pid"] = static_cast<long>(ngx_pid);
-  if (mcf->zone != nullptr && mcf->zone->shm.addr != nullptr) {
-    auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf->zone->shm.addr);
-    auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
-    ngx_shmtx_lock(&shpool->mutex);
-    const size_t free_pages = shpool->pfree;
-    ngx_shmtx_unlock(&shpool->mutex);
-    j["zone"] = {{"name", std::string(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
-                                      mcf->zone->shm.name.len)},
-                 {"size", mcf->zone->shm.size},
-                 {"free_bytes", free_pages * ngx_pagesize},
-                 {"state_bytes", hdr->state_bytes},
-                 {"generation", hdr->generation},
-                 {"poller_pid", hdr->poller_pid.load()}};
+  if (const auto zone = zone_view(*mcf)) {
+    j["zone"] = {{"name", zone->name},
+                 {"size", zone->size},
+                 {"free_bytes", zone->free_bytes},
+                 {"state_bytes", zone->header->state_bytes},
+                 {"generation", zone->header->generation},
+                 {"poller_pid", zone->header->poller_pid.load()}};
   } else {
     j["zone"] = nullptr;
   }
@@ -927,49 +946,26 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
 
 // omni_proxy_metrics: Prometheus text exposition 0.0.4.
 ngx_int_t metrics_handler(ngx_http_request_t* r) noexcept try {
-  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) return NGX_HTTP_NOT_ALLOWED;
-  ngx_int_t rc = ngx_http_discard_request_body(r);
-  if (rc != NGX_OK) return rc;
+  if (ngx_int_t rc = accept_get(r); rc != NGX_OK) return rc;
   auto* mcf = static_cast<MainConf*>(
       ngx_http_get_module_main_conf(r, ngx_http_omni_proxy_module));
   omni::prom::TextWriter w;
   w.family("omni_proxy_info", "gauge", "The omni_proxy module's version.");
   w.sample("omni_proxy_info", {{"version", omni::kVersion}}, 1);
-  if (mcf->zone != nullptr && mcf->zone->shm.addr != nullptr) {
-    auto* shpool = reinterpret_cast<ngx_slab_pool_t*>(mcf->zone->shm.addr);
-    auto* hdr = static_cast<ZoneHeader*>(mcf->zone->data);
-    ngx_shmtx_lock(&shpool->mutex);
-    const size_t free_pages = shpool->pfree;
-    ngx_shmtx_unlock(&shpool->mutex);
-    const std::string zone(reinterpret_cast<const char*>(mcf->zone->shm.name.data),
-                           mcf->zone->shm.name.len);
+  if (const auto zone = zone_view(*mcf)) {
+    const omni::prom::Labels labels = {{"zone", zone->name}};
     w.family("omni_proxy_zone_size_bytes", "gauge", "Size of omni_proxy_zone.");
-    w.sample("omni_proxy_zone_size_bytes", {{"zone", zone}},
-             static_cast<double>(mcf->zone->shm.size));
+    w.sample("omni_proxy_zone_size_bytes", labels, static_cast<double>(zone->size));
     w.family("omni_proxy_zone_free_bytes", "gauge", "Free pages of omni_proxy_zone, in bytes.");
-    w.sample("omni_proxy_zone_free_bytes", {{"zone", zone}},
-             static_cast<double>(free_pages * ngx_pagesize));
+    w.sample("omni_proxy_zone_free_bytes", labels, static_cast<double>(zone->free_bytes));
     w.family("omni_proxy_zone_generation", "gauge",
              "Reloads the zone survived since it was created.");
-    w.sample("omni_proxy_zone_generation", {{"zone", zone}},
-             static_cast<double>(hdr->generation));
+    w.sample("omni_proxy_zone_generation", labels,
+             static_cast<double>(zone->header->generation));
   }
   if (omni::SharedState* st = omni::ngx::shared_state()) st->render_metrics(w);
-  const std::string& body = w.str();
-
-  r->headers_out.status = NGX_HTTP_OK;
-  r->headers_out.content_length_n = static_cast<off_t>(body.size());
-  ngx_str_set(&r->headers_out.content_type, "text/plain; version=0.0.4; charset=utf-8");
-  r->headers_out.content_type_len = r->headers_out.content_type.len;
-  rc = ngx_http_send_header(r);
-  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) return rc;
-  auto* b = ngx_create_temp_buf(r->pool, body.size() + 1);
-  if (b == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
-  b->last = ngx_cpymem(b->pos, body.data(), body.size());
-  b->last_buf = 1;
-  b->last_in_chain = 1;
-  ngx_chain_t out{b, nullptr};
-  return ngx_http_output_filter(r, &out);
+  return omni::ngx::send_body(r, NGX_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
+                              w.str());
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_metrics");
   return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -91,6 +91,9 @@ void log_exception(ngx_log_t* log, const char* where) noexcept;
 // Sends `body` as a complete application/json response with `status`; returns what the
 // output filter returned (proxy_handler.cpp).
 ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view body);
+// The same with any content type; `content_type` must outlive the request (a literal).
+ngx_int_t send_body(ngx_http_request_t* r, ngx_uint_t status, std::string_view content_type,
+                    std::string_view body);
 // Sends an OpenAI-style error; with a Retry-After header when retry_after_s > 0.
 ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
                      const std::string& param = {}, unsigned retry_after_s = 0);

@@ -167,15 +167,21 @@ void destroy_state(void* data) noexcept {
 
 void dispatch_group(std::size_t group) noexcept;
 
+// Takes a waiting request out of this worker's wait queue (it got a place, timed out or left).
+void unlink_waiter(State& st, Admitted next) noexcept {
+  ngx_queue_remove(&st.queue);
+  --wait_queues().waiting;
+  if (st.queue_timer.timer_set) ngx_del_timer(&st.queue_timer);
+  st.admitted = next;
+}
+
 void leave_group(State& st) noexcept {
   const LocConf* lcf = st.lcf;
   omni::SharedState* ss = shared_state();
   if (lcf == nullptr || lcf->group < 0 || ss == nullptr) return;
   const auto group = static_cast<std::uint16_t>(lcf->group);
-  if (st.queue_timer.timer_set) ngx_del_timer(&st.queue_timer);
   if (st.admitted == Admitted::kQueued) {
-    ngx_queue_remove(&st.queue);
-    --wait_queues().waiting;
+    unlink_waiter(st, Admitted::kNone);
     ss->unqueue(ngx_pid, group, false);
   } else if (st.admitted == Admitted::kInflight) {
     ss->leave(ngx_pid, group);
@@ -651,6 +657,21 @@ std::string engine_error_message(const std::string& body) {
   return {};
 }
 
+bool prefill_ok(const State& st) {
+  return st.prefill_rc == NGX_OK && st.prefill_status == NGX_HTTP_OK;
+}
+
+// Why the prefill leg failed, for the client: timeout or failure, the engine's status and its
+// own message when it sent one.
+std::string prefill_failure(const State& st) {
+  std::string why = st.prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT ? "the prefill leg timed out"
+                                                               : "the prefill leg failed";
+  if (st.prefill_status != 0) why += " with HTTP " + std::to_string(st.prefill_status);
+  const std::string msg = engine_error_message(st.prefill_response);
+  if (!msg.empty()) why += ": " + msg;
+  return why;
+}
+
 ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcept {
   auto* state = static_cast<State*>(data);
   state->prefill_done = true;
@@ -666,18 +687,11 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
       state->prefill_rc = NGX_ERROR;
     }
   }
-  const bool ok = state->prefill_rc == NGX_OK && state->prefill_status == NGX_HTTP_OK;
   if (state->lcf->mode == kModeParallel) {
     // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
-    if (!ok && !state->decode_done) {
+    if (!prefill_ok(*state) && !state->decode_done) {
       try {
-        std::string why = state->prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT
-                              ? "the prefill leg timed out"
-                              : "the prefill leg failed";
-        if (state->prefill_status != 0) why += " with HTTP " + std::to_string(state->prefill_status);
-        const std::string msg = engine_error_message(state->prefill_response);
-        if (!msg.empty()) why += ": " + msg;
-        state->error_message = std::move(why);
+        state->error_message = prefill_failure(*state);
       } catch (...) {
       }
       cancel_leg(state->r);
@@ -695,18 +709,14 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   if (ctx == nullptr || !ctx->state->prefill_done) return;
   r->write_event_handler = ngx_http_request_empty_handler;
   State& st = *ctx->state;
-  if (st.prefill_rc != NGX_OK || st.prefill_status != NGX_HTTP_OK) {
-    const bool timed_out = st.prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT;
-    std::string why = timed_out ? "the prefill leg timed out" : "the prefill leg failed";
-    if (st.prefill_status != 0) why += " with HTTP " + std::to_string(st.prefill_status);
-    const std::string msg = engine_error_message(st.prefill_response);
-    if (!msg.empty()) why += ": " + msg;
+  if (!prefill_ok(st)) {
     // A client error the engine reported stays a client error.
     const ngx_uint_t status = st.prefill_status >= 400 && st.prefill_status < 500
                                   ? st.prefill_status
-                              : timed_out ? NGX_HTTP_GATEWAY_TIME_OUT
-                                          : NGX_HTTP_BAD_GATEWAY;
-    ngx_http_finalize_request(r, send_error(r, status, why));
+                              : st.prefill_rc == NGX_HTTP_GATEWAY_TIME_OUT
+                                  ? NGX_HTTP_GATEWAY_TIME_OUT
+                                  : NGX_HTTP_BAD_GATEWAY;
+    ngx_http_finalize_request(r, send_error(r, status, prefill_failure(st)));
     return;
   }
   auto kv = omni::extract_kv_transfer_params(st.prefill_response);
@@ -846,10 +856,7 @@ void dispatch_group(std::size_t group) noexcept {
                      static_cast<std::uint32_t>(st->lcf->max_inflight))) {
       break;
     }
-    ngx_queue_remove(&st->queue);
-    --q.waiting;
-    st->admitted = Admitted::kInflight;
-    if (st->queue_timer.timer_set) ngx_del_timer(&st->queue_timer);
+    unlink_waiter(*st, Admitted::kInflight);
     ngx_http_request_t* r = st->r;
     r->read_event_handler = ngx_http_block_reading;
     ngx_connection_t* c = r->connection;
@@ -862,9 +869,7 @@ void queue_timeout(ngx_event_t* ev) noexcept {
   auto* st = static_cast<State*>(ev->data);
   omni::SharedState* ss = shared_state();
   if (st->admitted != Admitted::kQueued) return;
-  ngx_queue_remove(&st->queue);
-  --wait_queues().waiting;
-  st->admitted = Admitted::kNone;
+  unlink_waiter(*st, Admitted::kNone);
   if (ss != nullptr) ss->unqueue(ngx_pid, static_cast<std::uint16_t>(st->lcf->group), true);
   ngx_http_request_t* r = st->r;
   ngx_connection_t* c = r->connection;
@@ -1185,9 +1190,16 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
 }
 
 ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view body) {
+  return send_body(r, status, "application/json", body);
+}
+
+ngx_int_t send_body(ngx_http_request_t* r, ngx_uint_t status, std::string_view content_type,
+                    std::string_view body) {
   r->headers_out.status = status;
   r->headers_out.content_length_n = static_cast<off_t>(body.size());
-  ngx_str_set(&r->headers_out.content_type, "application/json");
+  r->headers_out.content_type.data =
+      reinterpret_cast<u_char*>(const_cast<char*>(content_type.data()));
+  r->headers_out.content_type.len = content_type.size();
   r->headers_out.content_type_len = r->headers_out.content_type.len;
   r->headers_out.content_type_lowcase = nullptr;
   ngx_int_t rc = ngx_http_send_header(r);

@@ -1039,9 +1039,11 @@ std::optional<std::uint16_t> SharedState::find_backend(std::string_view name) co
 }
 
 namespace {
-// A per-backend gauge: the sum of one GaugeCell field over every owner row.
-std::int64_t sum_cells(const GaugeCell* row, std::uint32_t owners,
-                       std::atomic<std::int32_t> GaugeCell::*field) noexcept {
+// A gauge sharded per owner (a backend's GaugeCells, a limit group's GroupCells): the sum of
+// one field over every owner row.
+template <class Cell>
+std::int64_t sum_cells(const Cell* row, std::uint32_t owners,
+                       std::atomic<std::int32_t> Cell::*field) noexcept {
   std::int64_t n = 0;
   for (std::uint32_t o = 0; o < owners; ++o) {
     n += (row[o].*field).load(std::memory_order_relaxed);
@@ -1395,15 +1397,6 @@ std::uint16_t SharedState::bootstrap_port(std::uint16_t backend) const noexcept 
 // Limit groups
 // ---------------------------------------------------------------------------------------------
 
-namespace {
-std::int64_t sum_group(const GroupCell* row, std::uint32_t owners,
-                       std::atomic<std::int32_t> GroupCell::*field) noexcept {
-  std::int64_t n = 0;
-  for (std::uint32_t o = 0; o < owners; ++o) n += (row[o].*field).load(std::memory_order_relaxed);
-  return clamp_gauge(n);
-}
-}  // namespace
-
 Admission SharedState::admit(std::int32_t owner_pid, std::uint16_t group,
                              std::uint32_t max_inflight, std::uint32_t max_queue) noexcept {
   if (group >= group_count_ || owner_pid <= 0) return Admission::kRejected;
@@ -1458,13 +1451,13 @@ void SharedState::leave(std::int32_t owner_pid, std::uint16_t group) noexcept {
 
 std::int64_t SharedState::group_inflight(std::uint16_t group) const noexcept {
   if (group >= group_count_) return 0;
-  return sum_group(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
                    &GroupCell::inflight);
 }
 
 std::int64_t SharedState::group_queued(std::uint16_t group) const noexcept {
   if (group >= group_count_) return 0;
-  return sum_group(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
                    &GroupCell::queued);
 }
 

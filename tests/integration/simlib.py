@@ -8,6 +8,7 @@ ready file.
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,9 +135,8 @@ def get(port, path, **kw):
     return request(port, "GET", path, **kw)
 
 
-def metrics(port):
-    """Parses /metrics into {(name, frozenset(labels)): value}."""
-    text = get(port, "/metrics").body.decode()
+def parse_exposition(text):
+    """Parses Prometheus text into {(name, frozenset(labels)): value}."""
     out = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -145,17 +145,25 @@ def metrics(port):
         labels = frozenset()
         if "{" in head:
             name, rest = head.split("{", 1)
-            pairs = []
-            for part in rest.rstrip("}").split('",'):
-                if not part:
-                    continue
-                k, v = part.split("=", 1)
-                pairs.append((k, v.strip('"')))
-            labels = frozenset(pairs)
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
         else:
             name = head
         out[(name, labels)] = float(value)
     return out
+
+
+def metrics(port):
+    """An omni-sim's /metrics, parsed (parse_exposition)."""
+    return parse_exposition(get(port, "/metrics").body.decode())
+
+
+def port_open(port, timeout=1):
+    """True when something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def metric(values, name, **labels):

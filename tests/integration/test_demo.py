@@ -7,11 +7,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import unittest
 
-from simlib import MODULE_SO, SOURCE_DIR, free_port
+from simlib import MODULE_SO, SOURCE_DIR, free_port, port_open
 
 SERVED = re.compile(r"^served: (prefill|decode)\s+127\.0\.0\.1:(\d+) requests=(\d+) "
                     r"(kv_pulls_served|kv_blocks_received)=(\d+)$")
@@ -27,12 +26,6 @@ def disjoint_ports():
     raise RuntimeError("no disjoint free ports")
 
 
-def listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 class DemoTest(unittest.TestCase):
@@ -126,7 +119,7 @@ class DemoTest(unittest.TestCase):
 
         # The demo stopped nginx and omni-sim on its way out.
         for port in (nginx_port, prefill_port, prefill_port + 1, decode_port, decode_port + 1):
-            self.assertFalse(listening(port), "port %d still listens after the demo" % port)
+            self.assertFalse(port_open(port), "port %d still listens after the demo" % port)
 
 
 if __name__ == "__main__":

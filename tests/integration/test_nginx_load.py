@@ -16,11 +16,10 @@ import os
 import re
 import resource
 import signal
-import socket
 import time
 import unittest
 
-from simlib import Sim, free_port, metric, metrics, post, wait_until
+from simlib import Sim, free_port, metric, metrics, post, wait_until, port_open
 from test_nginx_module import Nginx
 
 ERROR_LEVELS = re.compile(r"\[(error|crit|alert|emerg)\]")
@@ -150,12 +149,6 @@ def config(prefill_ports, decode_ports, agg_ports=None, agg_listen=None, timeout
     return text
 
 
-def up(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 # --- an HTTP/1.1 client on raw asyncio streams -----------------------------------------------
@@ -343,7 +336,7 @@ class _NginxCase(unittest.TestCase):
         r = self.nginx.run()
         self.assertEqual(r.returncode, 0, r.stderr)
         for p in (self.nginx.port,) + ports:
-            self.assertTrue(wait_until(lambda: up(p), 10), "nginx does not listen on %d" % p)
+            self.assertTrue(wait_until(lambda: port_open(p), 10), "nginx does not listen on %d" % p)
         self.assertTrue(wait_until(lambda: len(self.nginx.workers()) == 2, 10),
                         self.nginx.workers())
 

@@ -9,11 +9,10 @@ prompt token counts. nginx runs 2 workers; error.log must stay free of [alert], 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import unittest
 
-from simlib import Sim, free_port, wait_until
+from simlib import Sim, free_port, wait_until, port_open
 from test_nginx_module import Nginx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,12 +60,6 @@ def config(agg_port, prefill_port, decode_port, seq_port, agg_listen):
            agg_listen=agg_listen)
 
 
-def _up(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class NginxOpenAISdkTest(unittest.TestCase):
@@ -91,8 +84,8 @@ class NginxOpenAISdkTest(unittest.TestCase):
             r = cls.nginx.run()
             if r.returncode != 0:
                 raise RuntimeError("nginx did not start: " + r.stderr)
-            if not (wait_until(lambda: _up(cls.nginx.port), 10) and
-                    wait_until(lambda: _up(agg_listen), 10)):
+            if not (wait_until(lambda: port_open(cls.nginx.port), 10) and
+                    wait_until(lambda: port_open(agg_listen), 10)):
                 raise RuntimeError("nginx does not listen")
             targets = {
                 "seq": "http://127.0.0.1:%d/v1" % cls.nginx.port,

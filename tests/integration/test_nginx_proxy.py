@@ -8,7 +8,7 @@ import threading
 import time
 import unittest
 
-from simlib import Sim, get, metric, metrics, post, wait_until
+from simlib import Sim, get, metric, metrics, port_open, post, wait_until
 from test_nginx_module import Nginx
 
 
@@ -69,7 +69,7 @@ class NginxProxyTest(unittest.TestCase):
         cls.nginx = Nginx(conf)
         r = cls.nginx.run()
         assert r.returncode == 0, r.stderr
-        assert wait_until(lambda: cls._up(cls.nginx.port), 10)
+        assert wait_until(lambda: port_open(cls.nginx.port), 10)
 
     @classmethod
     def tearDownClass(cls):
@@ -78,14 +78,6 @@ class NginxProxyTest(unittest.TestCase):
         for s in (cls.agg, cls.prefill, cls.decode):
             s.stop()
         assert errors == [], errors
-
-    @staticmethod
-    def _up(port):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     # --- sequential -------------------------------------------------------------------------
 
@@ -216,7 +208,7 @@ class NginxProxyFailureTest(unittest.TestCase):
             "AGGPORT", str(agg)))
         try:
             self.assertEqual(n.run().returncode, 0)
-            self.assertTrue(wait_until(lambda: NginxProxyTest._up(n.port), 10))
+            self.assertTrue(wait_until(lambda: port_open(n.port), 10))
             r = post(n.port, "/v1/completions", body)
             self.assertEqual(r.status, expect_status, r.body)
             return r
@@ -255,7 +247,7 @@ class NginxProxyFailureTest(unittest.TestCase):
             n = Nginx(conf)
             try:
                 self.assertEqual(n.run().returncode, 0)
-                self.assertTrue(wait_until(lambda: NginxProxyTest._up(n.port), 10))
+                self.assertTrue(wait_until(lambda: port_open(n.port), 10))
                 t0 = time.monotonic()
                 r = post(n.port, "/v1/completions", {"prompt": "x", "max_tokens": 2})
                 self.assertEqual(r.status, 504, r.body)
@@ -273,7 +265,7 @@ class NginxProxyFailureTest(unittest.TestCase):
             n = Nginx(config(d.port(), [p.port()], [d.port()]).replace("AGGPORT", str(agg)))
             try:
                 self.assertEqual(n.run().returncode, 0)
-                self.assertTrue(wait_until(lambda: NginxProxyTest._up(n.port), 10))
+                self.assertTrue(wait_until(lambda: port_open(n.port), 10))
                 s = socket.create_connection(("127.0.0.1", n.port), timeout=5)
                 body = json.dumps({"prompt": "x", "max_tokens": 3000, "stream": True}).encode()
                 s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"

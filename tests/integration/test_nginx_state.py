@@ -5,7 +5,6 @@ variables, least-outstanding peer choice across workers, in-flight limits with a
 slots being reclaimed."""
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -14,7 +13,8 @@ import threading
 import time
 import unittest
 
-from simlib import Sim, get, metric, metrics, post, request, wait_until, free_port
+from simlib import (Sim, free_port, get, metric, metrics, parse_exposition, port_open, post,
+                    request, wait_until)
 from test_nginx_module import Nginx
 
 PROMTOOL = shutil.which("promtool")
@@ -42,18 +42,7 @@ def prom(port):
     assert r.status == 200, r.body
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4"), r.headers
     text = r.body.decode()
-    values = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        labels = frozenset()
-        if "{" in head:
-            name, rest = head.split("{", 1)
-            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
-        else:
-            name = head
-        values[(name, labels)] = float(value)
+    values = parse_exposition(text)
     return text, values
 
 
@@ -150,7 +139,7 @@ class NginxStateTest(unittest.TestCase):
         cls.access_log = os.path.join(cls.nginx.dir, "logs", "omni.log")
         r = cls.nginx.run()
         assert r.returncode == 0, r.stderr
-        assert wait_until(lambda: cls._up(cls.nginx.port), 10)
+        assert wait_until(lambda: port_open(cls.nginx.port), 10)
 
     @classmethod
     def tearDownClass(cls):
@@ -159,14 +148,6 @@ class NginxStateTest(unittest.TestCase):
         for s in (cls.prefill, cls.decode, cls.slow):
             s.stop()
         assert errors == [], errors
-
-    @staticmethod
-    def _up(port):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     def log_line(self, request_id):
         def find():
@@ -425,7 +406,7 @@ class NginxOtherBalancerTest(unittest.TestCase):
 """.format(a=sims[0].port(), b=sims[1].port()))
         try:
             self.assertEqual(n.run().returncode, 0)
-            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            self.assertTrue(wait_until(lambda: port_open(n.port), 10))
             for i in range(6):
                 r = post(n.port, "/v1/completions", {"prompt": "lc %d" % i, "max_tokens": 2})
                 self.assertEqual(r.status, 200, r.body)
@@ -462,7 +443,7 @@ class NginxRetryAndPollerTest(unittest.TestCase):
 """.format(bad=bad.port(), good=good.port(), dec=dec.port()))
         try:
             self.assertEqual(n.run().returncode, 0)
-            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            self.assertTrue(wait_until(lambda: port_open(n.port), 10))
             for i in range(6):
                 r = post(n.port, "/v1/completions", {"prompt": "retry %d " % i * 30,
                                                       "max_tokens": 3})
@@ -501,7 +482,7 @@ class NginxRetryAndPollerTest(unittest.TestCase):
         socks = []
         try:
             self.assertEqual(n.run().returncode, 0)
-            self.assertTrue(wait_until(lambda: NginxStateTest._up(n.port), 10))
+            self.assertTrue(wait_until(lambda: port_open(n.port), 10))
             self.assertTrue(wait_until(lambda: status(n.port)["zone"]["poller_pid"] != 0, 5))
             old_workers = worker_pids(n)
             self.assertIn(status(n.port)["zone"]["poller_pid"], old_workers)
