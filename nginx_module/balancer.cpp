@@ -21,7 +21,6 @@
 
 #include <chrono>
 #include <exception>
-#include <functional>
 
 extern "C" {
 extern ngx_module_t ngx_http_upstream_keepalive_module;
@@ -84,8 +83,7 @@ std::vector<omni::BackendState> snapshot(const Pool& pool, ngx_http_upstream_rr_
   for (ngx_http_upstream_rr_peer_t* peer = peers->peer; peer != nullptr && i < pool.count;
        peer = peer->next, ++i) {
     omni::BackendState b;
-    b.id = std::hash<std::string_view>{}(
-        std::string_view(reinterpret_cast<const char*>(peer->name.data), peer->name.len));
+    b.id = pool.servers[i].id;
     b.down = peer->down != 0;
     b.weight = peer->weight > 0 ? static_cast<std::uint32_t>(peer->weight) : 1;
     b.max_conns = static_cast<std::uint32_t>(peer->max_conns);

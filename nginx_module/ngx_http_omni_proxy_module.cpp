@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -591,6 +592,7 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
       for (ngx_http_upstream_rr_peer_t* peer = p->peer; peer != nullptr; peer = peer->next) {
         Pool::Server s;
         s.name.assign(reinterpret_cast<const char*>(peer->name.data), peer->name.len);
+        s.id = std::hash<std::string>{}(s.name);
         u_char text[NGX_SOCKADDR_STRLEN];
         const size_t len = ngx_sock_ntop(peer->sockaddr, peer->socklen, text, sizeof(text), 0);
         s.host.assign(reinterpret_cast<const char*>(text), len);

@@ -46,6 +46,7 @@ struct Pool {
   struct Server {
     std::string name;  // host:port as nginx prints it
     std::string host;  // without the port
+    std::uint64_t id = 0;  // hash of the name: the policy's stable backend id
     ngx_addr_t addr{};
   };
   std::vector<Server> servers;  // index i is backend base + i
