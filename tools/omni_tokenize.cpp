@@ -14,8 +14,9 @@
 //   omni-tokenize DIR info  -> vocabulary size, special tokens, load time, memory
 //
 // encode reads all of stdin as raw bytes (invalid UTF-8 becomes U+FFFD, as the proxy does).
-// With --jsonl every input line is one JSON document (encode: a string, or {"text": ...,
-// "add_special_tokens": bool}; decode: an array of ids, or {"ids": [...]}; chat: as above),
+// With --jsonl every input line is one JSON document (encode: a string, or {"text": ...} or
+// {"hex": "<bytes as hex>"}, with an optional "add_special_tokens": bool; decode: an array of
+// ids, or {"ids": [...], "skip_special_tokens": bool}; chat: as above),
 // and every output line answers it; a failing line answers {"error": "..."} and the rest go on.
 // Exit status: 0 on success, 1 when the input (or, in --jsonl mode, any line) failed, 2 for a
 // usage or load error.
@@ -98,6 +99,16 @@ ojson ids_json(const std::vector<omni::TokenId>& ids) {
   return a;
 }
 
+// Bytes written as hex digits: how --jsonl input carries text that is not valid UTF-8.
+std::string from_hex(const std::string& hex) {
+  if (hex.size() % 2 != 0) throw std::invalid_argument("hex text has an odd length");
+  std::string out;
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    out.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  }
+  return out;
+}
+
 class Tool {
  public:
   explicit Tool(const Args& args) : args_(args) {
@@ -122,9 +133,13 @@ class Tool {
       text = in.get<std::string>();
     } else if (in.is_object() && in.contains("text") && in["text"].is_string()) {
       text = in["text"].get<std::string>();
-      if (in.contains("add_special_tokens")) special = in["add_special_tokens"].get<bool>();
+    } else if (in.is_object() && in.contains("hex") && in["hex"].is_string()) {
+      text = from_hex(in["hex"].get<std::string>());
     } else {
-      throw std::invalid_argument("expected a string or {\"text\": ...}");
+      throw std::invalid_argument("expected a string, {\"text\": ...} or {\"hex\": ...}");
+    }
+    if (in.is_object() && in.contains("add_special_tokens")) {
+      special = in["add_special_tokens"].get<bool>();
     }
     return encode_text(text, special);
   }
@@ -142,7 +157,11 @@ class Tool {
       if (!id.is_number_unsigned()) throw std::invalid_argument("ids must be non-negative integers");
       v.push_back(id.get<omni::TokenId>());
     }
-    return ojson{{"text", tokenizer_->decode(v, args_.skip_special)}};
+    bool skip = args_.skip_special;
+    if (in.is_object() && in.contains("skip_special_tokens")) {
+      skip = in["skip_special_tokens"].get<bool>();
+    }
+    return ojson{{"text", tokenizer_->decode(v, skip)}};
   }
 
   ojson chat(const ojson& in) const {
