@@ -14,8 +14,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -66,6 +71,7 @@ char* set_proxy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_upstream(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 char* set_bounded_num(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_tokenizer(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 void* create_main_conf(ngx_conf_t* cf) noexcept;
 char* init_main_conf(ngx_conf_t* cf, void* conf) noexcept;
 char* finalize_registry(ngx_conf_t* cf) noexcept;
@@ -107,6 +113,14 @@ ngx_command_t commands[] = {
      nullptr},
     {ngx_string("omni_proxy_poll_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, poll_timeout), nullptr},
+    {ngx_string("omni_proxy_tokenizer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE23, set_tokenizer,
+     NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_tokenize"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, tokenizer_name), nullptr},
+    {ngx_string("omni_proxy_token_forwarding"), kAnyLevel | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, token_forwarding), nullptr},
+    {ngx_string("omni_proxy_thread_pool"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, thread_pool_name), nullptr},
     {ngx_string("omni_proxy_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("omni_proxy_metrics"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_metrics,
@@ -363,6 +377,7 @@ void* create_loc_conf(ngx_conf_t* cf) noexcept {
   lcf->max_queue = NGX_CONF_UNSET_UINT;
   lcf->bootstrap_port = NGX_CONF_UNSET_UINT;
   lcf->group = -1;
+  lcf->token_forwarding = NGX_CONF_UNSET;
   for (ngx_http_upstream_conf_t* leg : {&lcf->prefill, &lcf->decode}) {
     leg->hide_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
     leg->pass_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
@@ -444,6 +459,31 @@ char* register_pool(ngx_conf_t* cf, ngx_http_upstream_srv_conf_t* uscf, ngx_uint
   return NGX_CONF_OK;
 }
 
+// omni_proxy_tokenize NAME of an enabled location: the tokenizer declared at http level, and
+// the thread pool that runs it (nginx itself reports an undeclared pool other than "default").
+char* resolve_tokenizer(ngx_conf_t* cf, LocConf* conf) {
+  conf->tokenizer = nullptr;
+  conf->thread_pool = nullptr;
+  const ngx_str_t& name = conf->tokenizer_name;
+  if (name.len == 3 && ngx_strncmp(name.data, "off", 3) == 0) return NGX_CONF_OK;
+  auto* mcf = static_cast<MainConf*>(
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+  const std::string_view want(reinterpret_cast<const char*>(name.data), name.len);
+  for (const auto& entry : mcf->registry->tokenizers) {
+    if (entry.name == want) conf->tokenizer = &entry;
+  }
+  if (conf->tokenizer == nullptr) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"omni_proxy_tokenize\": no tokenizer \"%V\"; declare it with "
+                       "\"omni_proxy_tokenizer %V <folder>;\" at http level",
+                       &name, &name);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  conf->thread_pool = ngx_thread_pool_add(cf, &conf->thread_pool_name);
+  if (conf->thread_pool == nullptr) return static_cast<char*>(NGX_CONF_ERROR);
+  return NGX_CONF_OK;
+}
+
 char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   auto* prev = static_cast<LocConf*>(parent);
   auto* conf = static_cast<LocConf*>(child);
@@ -462,6 +502,9 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   ngx_conf_merge_uint_value(conf->max_inflight, prev->max_inflight, 0);
   ngx_conf_merge_uint_value(conf->max_queue, prev->max_queue, 0);
   ngx_conf_merge_uint_value(conf->bootstrap_port, prev->bootstrap_port, 8998);
+  ngx_conf_merge_str_value(conf->tokenizer_name, prev->tokenizer_name, "off");
+  ngx_conf_merge_value(conf->token_forwarding, prev->token_forwarding, 1);
+  ngx_conf_merge_str_value(conf->thread_pool_name, prev->thread_pool_name, "default");
   char* rc = merge_leg(cf, &conf->prefill, &prev->prefill, conf->connect_timeout,
                        conf->prefill_timeout, true);
   if (rc != NGX_CONF_OK) return rc;
@@ -496,6 +539,8 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   if (conf->max_queue > 0 && conf->max_inflight == 0) {
     return conf_error(cf, "\"omni_proxy_max_queue\" needs \"omni_proxy_max_inflight\"");
   }
+  rc = resolve_tokenizer(cf, conf);
+  if (rc != NGX_CONF_OK) return rc;
   if (!aggregated) {
     rc = register_pool(cf, conf->prefill.upstream, conf->engine,
                        conf->mode == omni::ngx::kModeParallel);
@@ -980,6 +1025,135 @@ char* set_handler(ngx_conf_t* cf, ngx_flag_t* flag, ngx_http_handler_pt handler)
       ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
   clcf->handler = handler;
   return NGX_CONF_OK;
+}
+
+// Loaded tokenizers by file identity, so a reload whose files did not change reuses the
+// running configuration's (the old cycle still holds them while the new one is read).
+struct LoadedTokenizer {
+  std::string key;
+  std::weak_ptr<const omni::Tokenizer> tokenizer;
+  std::weak_ptr<const omni::ChatTemplate> chat;
+};
+std::vector<LoadedTokenizer>& tokenizer_cache() {
+  static std::vector<LoadedTokenizer> cache;
+  return cache;
+}
+
+// Path, size and modification time; empty when the file is missing.
+std::string file_stamp(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return {};
+  return path + ":" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec);
+}
+
+std::string read_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+  std::string out;
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  std::fclose(f);
+  if (failed) throw std::runtime_error("cannot read " + path);
+  return out;
+}
+
+// omni_proxy_tokenizer NAME FOLDER [chat_template=FILE]: loads FOLDER/tokenizer.json and
+// FOLDER/tokenizer_config.json now, so a broken tokenizer fails `nginx -t` naming it. Relative
+// paths are relative to nginx's configuration prefix.
+char* set_tokenizer(ngx_conf_t* cf, ngx_command_t*, void* conf) noexcept try {
+  auto* mcf = static_cast<MainConf*>(conf);
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  ngx_str_t name = value[1];
+  ngx_str_t folder = value[2];
+  const std::string tname(reinterpret_cast<const char*>(name.data), name.len);
+  if (tname.empty() || tname == "off") {
+    return const_cast<char*>(": the name must not be empty or \"off\"");
+  }
+  for (const auto& entry : mcf->registry->tokenizers) {
+    if (entry.name == tname) return const_cast<char*>(": a tokenizer of that name is declared already");
+  }
+  if (ngx_conf_full_name(cf->cycle, &folder, 1) != NGX_OK) return static_cast<char*>(NGX_CONF_ERROR);
+  std::string template_path;
+  if (cf->args->nelts == 4) {
+    ngx_str_t arg = value[3];
+    constexpr std::string_view kPrefix = "chat_template=";
+    const std::string_view a(reinterpret_cast<const char*>(arg.data), arg.len);
+    if (!a.starts_with(kPrefix) || a.size() == kPrefix.size()) {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "\"omni_proxy_tokenizer\" \"%V\": unknown parameter \"%V\" (expected "
+                         "chat_template=FILE)", &name, &arg);
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+    ngx_str_t file;
+    file.data = arg.data + kPrefix.size();
+    file.len = arg.len - kPrefix.size();
+    if (ngx_conf_full_name(cf->cycle, &file, 1) != NGX_OK) return static_cast<char*>(NGX_CONF_ERROR);
+    template_path.assign(reinterpret_cast<const char*>(file.data), file.len);
+  }
+  omni::ngx::TokenizerEntry entry;
+  entry.name = tname;
+  entry.path.assign(reinterpret_cast<const char*>(folder.data), folder.len);
+  const std::string key = file_stamp(entry.path + "/tokenizer.json") + "|" +
+                          file_stamp(entry.path + "/tokenizer_config.json") + "|" +
+                          (template_path.empty() ? std::string() : file_stamp(template_path));
+  auto& cache = tokenizer_cache();
+  std::erase_if(cache, [](const LoadedTokenizer& l) { return l.tokenizer.expired(); });
+  for (const LoadedTokenizer& l : cache) {
+    if (l.key == key) {
+      entry.tokenizer = l.tokenizer.lock();
+      entry.chat = l.chat.lock();
+    }
+  }
+  if (entry.tokenizer == nullptr) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::shared_ptr<const omni::Tokenizer> tok;
+    try {
+      tok = omni::Tokenizer::load_dir(entry.path);
+    } catch (const std::exception& e) {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"omni_proxy_tokenizer\" \"%V\": cannot load "
+                         "\"%V\": %s", &name, &folder, e.what());
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+    std::string source = tok->config().chat_template;
+    std::string where = "the chat template of tokenizer_config.json";
+    if (!template_path.empty()) {
+      where = template_path;
+      try {
+        source = read_file(template_path);
+      } catch (const std::exception& e) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"omni_proxy_tokenizer\" \"%V\": %s", &name,
+                           e.what());
+        return static_cast<char*>(NGX_CONF_ERROR);
+      }
+    }
+    std::shared_ptr<const omni::ChatTemplate> chat;
+    if (!source.empty()) {
+      try {
+        chat = std::make_shared<const omni::ChatTemplate>(source, tok->config());
+      } catch (const std::exception& e) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"omni_proxy_tokenizer\" \"%V\": %s: %s",
+                           &name, where.c_str(), e.what());
+        return static_cast<char*>(NGX_CONF_ERROR);
+      }
+    }
+    entry.tokenizer = std::move(tok);
+    entry.chat = std::move(chat);
+    entry.load_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    cache.push_back({key, entry.tokenizer, entry.chat});
+    ngx_conf_log_error(NGX_LOG_INFO, cf, 0,
+                       "omni_proxy_tokenizer \"%V\": loaded in %.0f ms, %uz KiB, chat template: %s",
+                       &name, entry.load_ms, entry.tokenizer->memory_bytes() / 1024,
+                       entry.chat ? "yes" : "none");
+  }
+  mcf->registry->tokenizers.push_back(std::move(entry));
+  return NGX_CONF_OK;
+} catch (...) {
+  log_exception(cf->log, "omni_proxy_tokenizer");
+  return static_cast<char*>(NGX_CONF_ERROR);
 }
 
 char* set_status(ngx_conf_t* cf, ngx_command_t*, void* conf) noexcept {

@@ -3,10 +3,14 @@
 
 #include "ngx.hpp"
 
+#include <omni/chat_template.hpp>
 #include <omni/engine_metrics.hpp>
 #include <omni/shared_state.hpp>
+#include <omni/tokenizer.hpp>
 
 #include <cstdint>
+#include <deque>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,8 +56,19 @@ struct Pool {
   std::vector<Server> servers;  // index i is backend base + i
 };
 
+// A tokenizer declared with omni_proxy_tokenizer, loaded when the configuration is read (in
+// the master, so forked workers share its pages).
+struct TokenizerEntry {
+  std::string name;
+  std::string path;
+  std::shared_ptr<const omni::Tokenizer> tokenizer;
+  std::shared_ptr<const omni::ChatTemplate> chat;  // null when the model has no template
+  double load_ms = 0;
+};
+
 // Everything configuration-time the runtime needs; owned by the main conf's pool.
 struct Registry {
+  std::deque<TokenizerEntry> tokenizers;  // stable addresses: locations point at entries
   std::vector<Pool> pools;
   std::vector<std::string> groups;   // limit group names (locations with limits)
   omni::SharedStateConfig state_config;
@@ -85,6 +100,11 @@ struct LocConf {
   ngx_uint_t bootstrap_port;            // omni_proxy_bootstrap_port (fallback)
   ngx_int_t group;                      // limit group index, -1 for none
   ngx_str_t location;                   // the location's name, for the limit group
+  ngx_str_t tokenizer_name;             // omni_proxy_tokenize; "off" or empty: none
+  const TokenizerEntry* tokenizer;      // resolved at merge; null: no tokenizing
+  ngx_flag_t token_forwarding;          // omni_proxy_token_forwarding
+  ngx_str_t thread_pool_name;           // omni_proxy_thread_pool
+  ngx_thread_pool_t* thread_pool;       // resolved at merge when tokenizing
 };
 
 // Logs the exception being handled (call only inside a catch block) as an [alert].
@@ -155,6 +175,8 @@ struct RequestView {
   std::uint64_t first_token_ns;
   std::uint32_t prompt_tokens;
   std::uint32_t output_tokens;
+  std::int32_t forward_reason;     // omni::ForwardReason, -1 when not tokenized
+  std::uint64_t tokenize_wall_ns;  // in the thread pool; 0 when not tokenized
   std::int32_t prefill_backend;  // -1 none
   std::int32_t decode_backend;   // -1 none
 };

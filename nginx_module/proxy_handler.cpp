@@ -25,10 +25,12 @@
 #include <omni/openai_error.hpp>
 #include <omni/request_body.hpp>
 #include <omni/response_scan.hpp>
+#include <omni/token_forwarding.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <sys/socket.h>
+#include <time.h>
 
 #include <cstdio>
 #include <exception>
@@ -70,6 +72,18 @@ struct State {
   std::int32_t decode_backend = -1;
   std::optional<omni::UsageScanner> scanner;
   bool finished = false;
+  // Tokenizer-result reuse (omni_proxy_tokenize).
+  struct TokenizeJob* job = nullptr;  // while the thread pool works on it
+  std::int32_t forward_reason = -1;   // omni::ForwardReason once tokenized
+  ngx_uint_t tokenize_status = 0;     // non-zero: tokenizing refused the request with this
+  std::string tokenize_error;         // and this OpenAI-style body
+  std::uint64_t tokenize_wall_ns = 0;
+  std::size_t prompt_tokens = 0;      // the proxy's own count
+  std::string upstream_path;          // the engines' path when it is not the client's
+  std::string upstream_body;          // the rewritten body (aggregated mode sends it as is)
+  bool chat_to_completion = false;    // the engines answer a completion: convert it to chat
+  std::optional<omni::ChatStreamConverter> converter;
+  std::string whole_answer;           // a non-streamed answer being converted
   // Limits.
   Admitted admitted = Admitted::kNone;
   ngx_queue_t queue{};     // in the worker's wait queue of the group while queued
@@ -90,6 +104,10 @@ struct Ctx {
   // An nginx-generated error page being replaced with OpenAI-style JSON (pool memory).
   ngx_str_t json_error{};
   bool json_error_sent = false;
+  // The decode answer is a completion converted into a chat answer on its way out; its buffers.
+  bool converting = false;
+  ngx_chain_t* conv_free = nullptr;
+  ngx_chain_t* conv_busy = nullptr;
 };
 
 Ctx* get_ctx(ngx_http_request_t* r) {
@@ -291,7 +309,11 @@ ngx_int_t create_request(ngx_http_request_t* r) noexcept try {
   ngx_http_upstream_t* u = r->upstream;
   const std::string& body = *ctx->body;
   std::string head = "POST ";
-  head.append(reinterpret_cast<const char*>(r->uri.data), r->uri.len);
+  if (!ctx->state->upstream_path.empty()) {
+    head += ctx->state->upstream_path;
+  } else {
+    head.append(reinterpret_cast<const char*>(r->uri.data), r->uri.len);
+  }
   if (r->args.len > 0) {
     head.push_back('?');
     head.append(reinterpret_cast<const char*>(r->args.data), r->args.len);
@@ -812,7 +834,8 @@ void proceed(ngx_http_request_t* r) noexcept try {
     case kModeAggregated:
       enter(st, omni::Stage::kPrefillScheduled);
       ctx->leg = Leg::kDecode;
-      ctx->body = &st.client_body;  // forwarded as the client sent it
+      // Forwarded as the client sent it, or with the proxy's token ids.
+      ctx->body = st.upstream_body.empty() ? &st.client_body : &st.upstream_body;
       start_leg(r, ctx);
       return;
     case kModeParallel:
@@ -946,8 +969,186 @@ void admit(ngx_http_request_t* r, State& st) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tokenizing, in nginx's thread pool
+// ---------------------------------------------------------------------------------------------
+
+// The work handed to a thread: it owns its inputs (the parsed body is moved in and back), so the
+// thread touches no request memory. The request is blocked (r->main->blocked) meanwhile, which
+// keeps it, its pool and its State alive whatever happens to the client.
+struct TokenizeJob {
+  omni::ParsedBody body;
+  const TokenizerEntry* entry = nullptr;
+  omni::ForwardingOptions options;
+  std::optional<omni::BodyResult<omni::TokenizedRequest>> result;
+  std::string failure;  // an exception's message
+  std::uint64_t wall_ns = 0;
+  std::uint64_t cpu_ns = 0;
+};
+
+std::uint64_t thread_cpu_ns() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000ULL +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+// Runs in a thread-pool thread.
+void tokenize_thread(void* data, ngx_log_t*) noexcept {
+  TokenizeJob* job = *static_cast<TokenizeJob**>(data);
+  const std::uint64_t cpu0 = thread_cpu_ns();
+  const std::uint64_t t0 = omni::monotonic_now_ns();
+  try {
+    job->result.emplace(omni::tokenize_request(job->body, *job->entry->tokenizer,
+                                               job->entry->chat.get(), job->options));
+  } catch (const std::exception& e) {
+    try {
+      job->failure = e.what();
+    } catch (...) {
+    }
+  } catch (...) {
+    job->failure = "unknown exception";
+  }
+  if (job->failure.empty() && !job->result) job->failure = "no result";
+  job->wall_ns = omni::monotonic_now_ns() - t0;
+  job->cpu_ns = thread_cpu_ns() - cpu0;
+}
+
+void tokenized(ngx_http_request_t* r) noexcept;
+void after_tokenize(ngx_http_request_t* r, State& st);
+
+// Back on the event loop: the thread finished.
+void tokenize_event(ngx_event_t* ev) noexcept {
+  auto* r = static_cast<ngx_http_request_t*>(ev->data);
+  ngx_connection_t* c = r->connection;
+  Ctx* ctx = get_ctx(r);
+  State& st = *ctx->state;
+  TokenizeJob* job = st.job;
+  st.job = nullptr;
+  r->main->blocked--;
+  r->aio = 0;
+  // The job's outcome moves into the State's parsed body and fields read by tokenized().
+  try {
+    st.parsed.emplace(std::move(job->body));
+  } catch (...) {
+  }
+  st.tokenize_wall_ns = job->wall_ns;
+  omni::SharedState* ss = shared_state();
+  bool ok = job->failure.empty() && job->result && job->result->ok();
+  if (!ok) {
+    if (ss != nullptr) ss->count_tokenize_error();
+    try {
+      if (!job->failure.empty()) {
+        ngx_log_error(NGX_LOG_ALERT, c->log, 0, "omni_proxy: tokenizing failed: %s",
+                      job->failure.c_str());
+        st.tokenize_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        st.tokenize_error = omni::openai_error_body(500, "the proxy could not tokenize the request");
+      } else {
+        st.tokenize_status = static_cast<ngx_uint_t>(job->result->error().status);
+        st.tokenize_error = job->result->error().to_json();
+      }
+    } catch (...) {
+      st.tokenize_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+  } else {
+    omni::TokenizedRequest& t = job->result->value();
+    st.prompt_tokens = t.prompt_tokens;
+    st.forward_reason = static_cast<std::int32_t>(t.reason);
+    st.chat_to_completion = t.chat_to_completion;
+    if (ss != nullptr) {
+      ss->count_tokenized(t.prompt_tokens, job->wall_ns, job->cpu_ns,
+                          static_cast<std::uint8_t>(t.reason));
+    }
+    if (t.upstream) {
+      try {
+        if (t.upstream_api != st.api) {
+          // The client's path with the API's suffix swapped (a location may add a prefix).
+          std::string path(reinterpret_cast<const char*>(r->uri.data), r->uri.len);
+          path.resize(path.size() - omni::api_path(st.api).size());
+          path += omni::api_path(t.upstream_api);
+          st.upstream_path = std::move(path);
+        }
+        st.upstream_body = std::move(t.upstream_text);
+        st.parsed.emplace(std::move(*t.upstream));
+      } catch (...) {
+        st.tokenize_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+      }
+    }
+  }
+  delete job;
+  r->write_event_handler(r);
+  ngx_http_run_posted_requests(c);
+}
+
+// Hands the request to the location's thread pool; tokenized() continues it.
+void start_tokenize(ngx_http_request_t* r, State& st) {
+  auto* job = new TokenizeJob();
+  job->entry = st.lcf->tokenizer;
+  job->options.forward = st.lcf->token_forwarding != 0;
+  job->options.engine =
+      st.lcf->engine == kEngineSglang ? omni::EngineFlavor::kSglang : omni::EngineFlavor::kVllm;
+  ngx_thread_task_t* task = ngx_thread_task_alloc(r->pool, sizeof(TokenizeJob*));
+  if (task == nullptr) {
+    delete job;
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+    return;
+  }
+  job->body = std::move(*st.parsed);
+  st.parsed.reset();
+  *static_cast<TokenizeJob**>(task->ctx) = job;
+  task->handler = tokenize_thread;
+  task->event.data = r;
+  task->event.handler = tokenize_event;
+  if (ngx_thread_task_post(st.lcf->thread_pool, task) != NGX_OK) {
+    // The pool's queue is full (thread_pool max_queue): nginx logged it.
+    st.parsed.emplace(std::move(job->body));
+    delete job;
+    ngx_http_finalize_request(
+        r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                      "the proxy's tokenizer queue is full; try again later", {}, 1));
+    return;
+  }
+  st.job = job;
+  r->main->blocked++;
+  r->aio = 1;
+  r->write_event_handler = tokenized;
+}
+
+// The request continues once its prompt is tokenized (or needed no tokenizing).
+void tokenized(ngx_http_request_t* r) noexcept try {
+  r->write_event_handler = ngx_http_request_empty_handler;
+  Ctx* ctx = get_ctx(r);
+  State& st = *ctx->state;
+  if (st.tokenize_status == 0 && !st.parsed) st.tokenize_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+  if (st.tokenize_status != 0) {
+    // A template that refused the conversation is the request's fault (4xx, the core's
+    // OpenAI-style body); anything else is ours.
+    if (st.tokenize_error.empty()) {
+      ngx_http_finalize_request(r, send_error(r, st.tokenize_status,
+                                              "the proxy could not tokenize the request"));
+      return;
+    }
+    ngx_http_finalize_request(r, send_json(r, st.tokenize_status, st.tokenize_error));
+    return;
+  }
+  after_tokenize(r, st);
+} catch (...) {
+  log_exception(r->connection->log, "tokenized");
+  ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The client request
 // ---------------------------------------------------------------------------------------------
+
+// Tokenized (or not tokenizing): the lifecycle moves on and the request asks for its place.
+void after_tokenize(ngx_http_request_t* r, State& st) {
+  // The APC match stage is not implemented yet: it takes no time.
+  const std::uint64_t now = omni::monotonic_now_ns();
+  enter(st, omni::Stage::kTokenized, now);
+  enter(st, omni::Stage::kApcMatched, now);
+  enter(st, omni::Stage::kWaitingPrefill, now);
+  admit(r, st);
+}
 
 void body_ready(ngx_http_request_t* r) noexcept try {
   Ctx* ctx = get_ctx(r);
@@ -966,12 +1167,11 @@ void body_ready(ngx_http_request_t* r) noexcept try {
     return;
   }
   st.parsed.emplace(std::move(*parsed));
-  // Stages this release does not implement yet (tokenize, APC match) take no time.
-  const std::uint64_t now = omni::monotonic_now_ns();
-  enter(st, omni::Stage::kTokenized, now);
-  enter(st, omni::Stage::kApcMatched, now);
-  enter(st, omni::Stage::kWaitingPrefill, now);
-  admit(r, st);
+  if (st.lcf->tokenizer != nullptr) {
+    start_tokenize(r, st);
+    return;
+  }
+  after_tokenize(r, st);
 } catch (...) {
   log_exception(r->connection->log, "body_ready");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
@@ -990,7 +1190,31 @@ std::optional<omni::Api> api_for(const ngx_str_t& uri) {
 ngx_http_output_header_filter_pt next_header_filter;
 ngx_http_output_body_filter_pt next_body_filter;
 
+// A chat request the engines answer as a completion: the answer is converted on its way out, so
+// its length changes.
+void start_converting(ngx_http_request_t* r, Ctx* ctx) {
+  State& st = *ctx->state;
+  if (!st.chat_to_completion || ctx->leg != Leg::kDecode || r->upstream == nullptr ||
+      r->headers_out.status != NGX_HTTP_OK || ctx->converting) {
+    return;
+  }
+  ctx->converting = true;
+  r->headers_out.content_length_n = -1;
+  if (r->headers_out.content_length != nullptr) {
+    r->headers_out.content_length->hash = 0;
+    r->headers_out.content_length = nullptr;
+  }
+  if (st.parsed && st.parsed->features.stream) {
+    st.converter.emplace(st.lcf->engine == kEngineSglang ? omni::EngineFlavor::kSglang
+                                                         : omni::EngineFlavor::kVllm);
+  }
+}
+
 ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
+  if (r == r->main) {
+    Ctx* ctx = get_ctx(r);
+    if (ctx != nullptr && ctx->state != nullptr) start_converting(r, ctx);
+  }
   // Requests of omni_proxy locations, whether or not our handler ran yet: nginx checks some
   // limits (client_max_body_size) before any content handler.
   auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
@@ -1060,6 +1284,72 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
   }
 }
 
+// A non-streamed answer larger than this goes out unconverted rather than held without bound.
+constexpr std::size_t kMaxConvertedAnswer = std::size_t{64} << 20;
+
+// Converts the decode leg's completion answer into the chat answer the client asked for.
+ngx_int_t convert_body(ngx_http_request_t* r, Ctx* ctx, ngx_chain_t* in) noexcept try {
+  State& st = *ctx->state;
+  const omni::EngineFlavor engine =
+      st.lcf->engine == kEngineSglang ? omni::EngineFlavor::kSglang : omni::EngineFlavor::kVllm;
+  std::string out;
+  bool last = false;
+  bool flush = false;
+  for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) {
+    ngx_buf_t* b = cl->buf;
+    last = last || b->last_buf;
+    flush = flush || b->flush;
+    if (b->in_file || b->last <= b->pos) continue;
+    const std::string_view data(reinterpret_cast<const char*>(b->pos),
+                                static_cast<std::size_t>(b->last - b->pos));
+    if (st.converter) {
+      st.converter->feed(data, out);
+    } else if (st.whole_answer.size() + data.size() <= kMaxConvertedAnswer) {
+      st.whole_answer.append(data);
+    } else {
+      out += st.whole_answer;
+      out += data;
+      st.whole_answer.clear();
+      st.chat_to_completion = false;
+    }
+    b->pos = b->last;
+  }
+  if (last) {
+    if (st.converter) {
+      st.converter->finish(out);
+    } else if (!st.whole_answer.empty()) {
+      out += omni::chat_response_from_completion(st.whole_answer, engine);
+      st.whole_answer.clear();
+    }
+  }
+  if (out.empty() && !last && !flush) return next_body_filter(r, nullptr);
+  const auto tag = reinterpret_cast<ngx_buf_tag_t>(&ngx_http_omni_proxy_module);
+  ngx_chain_t* cl = ngx_chain_get_free_buf(r->pool, &ctx->conv_free);
+  if (cl == nullptr) return NGX_ERROR;
+  ngx_buf_t* b = cl->buf;
+  if (!out.empty() && (b->start == nullptr || static_cast<std::size_t>(b->end - b->start) < out.size())) {
+    const std::size_t cap = std::max<std::size_t>(out.size(), 4096);
+    b->start = static_cast<u_char*>(ngx_palloc(r->pool, cap));
+    if (b->start == nullptr) return NGX_ERROR;
+    b->end = b->start + cap;
+  }
+  b->pos = b->start;
+  b->last = out.empty() ? b->start : ngx_cpymem(b->start, out.data(), out.size());
+  b->temporary = out.empty() ? 0 : 1;
+  b->memory = 0;
+  b->flush = 1;
+  b->last_buf = last ? 1 : 0;
+  b->tag = tag;
+  cl->next = nullptr;
+  ngx_chain_t* chain = cl;
+  const ngx_int_t rc = next_body_filter(r, chain);
+  ngx_chain_update_chains(r->pool, &ctx->conv_free, &ctx->conv_busy, &chain, tag);
+  return rc;
+} catch (...) {
+  log_exception(r->connection->log, "convert_body");
+  return NGX_ERROR;
+}
+
 ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
   Ctx* ctx = get_ctx(r);
   if (ctx == nullptr) return next_body_filter(r, in);
@@ -1085,6 +1375,9 @@ ngx_int_t body_filter(ngx_http_request_t* r, ngx_chain_t* in) noexcept {
   }
   if (ctx->json_error.len == 0) {
     if (ctx->scanning && ctx->state != nullptr && ctx->state->scanner) observe_body(*ctx->state, in);
+    if (ctx->converting && ctx->state != nullptr && ctx->state->chat_to_completion) {
+      return convert_body(r, ctx, in);
+    }
     return next_body_filter(r, in);
   }
   for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) cl->buf->pos = cl->buf->last;
@@ -1298,6 +1591,9 @@ bool request_view(ngx_http_request_t* r, RequestView& out) noexcept {
   out.timeline = &st.timeline;
   out.first_token_ns = st.first_token_ns;
   out.prompt_tokens = st.scanner ? st.scanner->prompt_tokens() : 0;
+  if (out.prompt_tokens == 0) out.prompt_tokens = static_cast<std::uint32_t>(st.prompt_tokens);
+  out.forward_reason = st.forward_reason;
+  out.tokenize_wall_ns = st.tokenize_wall_ns;
   out.output_tokens = st.scanner ? st.scanner->output_tokens() : 0;
   out.prefill_backend = st.prefill_backend;
   out.decode_backend = st.decode_backend;

@@ -7,12 +7,16 @@
 //   $omni_tpot_ms             time per output token after the first
 //   $omni_prefill_peer        the prefill server (sequential, parallel; aggregated: the server)
 //   $omni_decode_peer         the decode server
-//   $omni_prompt_tokens       from the engine's usage report
+//   $omni_prompt_tokens       from the engine's usage report, else the proxy's own count
 //   $omni_output_tokens       from the usage report, else the count of streamed token events
+//   $omni_token_forwarding    how the prompt reached the engines when the proxy tokenized it:
+//                             "forwarded" (token ids) or why it went as text ("tools", ...)
+//   $omni_tokenize_ms         time the proxy spent rendering and tokenizing (thread pool)
 // A variable is empty ("-" in logs) when the request did not reach that point.
 #include "omni_module.hpp"
 
 #include <omni/lifecycle.hpp>
+#include <omni/token_forwarding.hpp>
 
 #include <cstdio>
 #include <string>
@@ -30,6 +34,8 @@ enum Var : uintptr_t {
   kDecodePeer,
   kPromptTokens,
   kOutputTokens,
+  kTokenForwarding,
+  kTokenizeMs,
 };
 
 ngx_int_t set_value(ngx_http_request_t* r, ngx_http_variable_value_t* v, const std::string& s) {
@@ -114,6 +120,15 @@ ngx_int_t get(ngx_http_request_t* r, ngx_http_variable_value_t* v, uintptr_t dat
       return set_value(r, v, view.prompt_tokens ? std::to_string(view.prompt_tokens) : "");
     case kOutputTokens:
       return set_value(r, v, std::to_string(view.output_tokens));
+    case kTokenForwarding:
+      return set_value(r, v, view.forward_reason < 0
+                                 ? std::string()
+                                 : std::string(omni::forward_reason_name(
+                                       static_cast<omni::ForwardReason>(view.forward_reason))));
+    case kTokenizeMs:
+      return set_value(r, v, view.forward_reason < 0
+                                 ? std::string()
+                                 : ms(static_cast<double>(view.tokenize_wall_ns)));
   }
   return set_value(r, v, {});
 } catch (...) {
@@ -133,7 +148,8 @@ ngx_int_t add_variables(ngx_conf_t* cf) noexcept try {
       {"omni_total_ms", kTotal},           {"omni_ttft_ms", kTtft},
       {"omni_tpot_ms", kTpot},             {"omni_prefill_peer", kPrefillPeer},
       {"omni_decode_peer", kDecodePeer},   {"omni_prompt_tokens", kPromptTokens},
-      {"omni_output_tokens", kOutputTokens},
+      {"omni_output_tokens", kOutputTokens}, {"omni_token_forwarding", kTokenForwarding},
+      {"omni_tokenize_ms", kTokenizeMs},
   };
   for (std::size_t i = 0; i + 1 < omni::kStageCount; ++i) {
     defs.push_back({"omni_stage_" + std::string(omni::stage_name(*omni::stage_at(i))) + "_ms", i});

@@ -1,6 +1,7 @@
 #include <omni/shared_state.hpp>
 
 #include <omni/prometheus.hpp>
+#include <omni/token_forwarding.hpp>
 
 #include <boost/interprocess/managed_external_buffer.hpp>
 #include <nlohmann/json.hpp>
@@ -23,7 +24,7 @@ namespace omni {
 namespace shm_detail {
 
 constexpr std::uint64_t kMagic = 0x314D48534D4E4D4FULL;  // "OMNMSHM1" little-endian
-constexpr std::uint32_t kLayoutVersion = 2;
+constexpr std::uint32_t kLayoutVersion = 3;
 constexpr std::size_t kLine = 64;
 
 // Histogram bounds in nanoseconds (rendered in seconds). Changing them changes the layout
@@ -190,8 +191,16 @@ struct alignas(kLine) Root {
   std::atomic<std::uint64_t> acquire_full_total;
   std::atomic<std::uint64_t> acquire_no_owner_total;
   std::atomic<std::uint64_t> reclaimed_total;
+  // Tokenizer-result reuse (count_tokenized).
+  alignas(kLine) std::atomic<std::uint64_t> tokenized_total;
+  std::atomic<std::uint64_t> tokenized_tokens_total;
+  std::atomic<std::uint64_t> tokenize_wall_ns_total;
+  std::atomic<std::uint64_t> tokenize_cpu_ns_total;
+  std::atomic<std::uint64_t> tokenize_errors_total;
+  std::array<std::atomic<std::uint64_t>, SharedState::kForwardReasons> forward_total;
 };
 
+static_assert(static_cast<std::size_t>(ForwardReason::kCount) <= SharedState::kForwardReasons);
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert(std::atomic<std::int32_t>::is_always_lock_free);
@@ -213,7 +222,7 @@ static_assert(std::is_standard_layout_v<GroupBlock> &&
               std::is_trivially_destructible_v<GroupBlock>);
 static_assert(sizeof(OwnerRow) == 64 && sizeof(GaugeCell) == 8 && sizeof(BackendBlock) == 256);
 static_assert(sizeof(GroupCell) == 8 && sizeof(GroupBlock) == 128);
-static_assert(sizeof(Root) == 192);
+static_assert(sizeof(Root) == 384);
 
 using Segment = boost::interprocess::managed_external_buffer;
 
@@ -1117,6 +1126,34 @@ std::uint64_t SharedState::reclaimed_total() const noexcept {
   return root_->reclaimed_total.load(std::memory_order_relaxed);
 }
 
+void SharedState::count_tokenized(std::uint64_t tokens, std::uint64_t wall_ns,
+                                  std::uint64_t cpu_ns, std::uint8_t reason) noexcept {
+  root_->tokenized_total.fetch_add(1, std::memory_order_relaxed);
+  root_->tokenized_tokens_total.fetch_add(tokens, std::memory_order_relaxed);
+  root_->tokenize_wall_ns_total.fetch_add(wall_ns, std::memory_order_relaxed);
+  root_->tokenize_cpu_ns_total.fetch_add(cpu_ns, std::memory_order_relaxed);
+  if (reason < kForwardReasons) {
+    root_->forward_total[reason].fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+void SharedState::count_tokenize_error() noexcept {
+  root_->tokenize_errors_total.fetch_add(1, std::memory_order_relaxed);
+}
+
+TokenizerStats SharedState::tokenizer_stats() const noexcept {
+  TokenizerStats t;
+  t.requests = root_->tokenized_total.load(std::memory_order_relaxed);
+  t.tokens = root_->tokenized_tokens_total.load(std::memory_order_relaxed);
+  t.wall_ns = root_->tokenize_wall_ns_total.load(std::memory_order_relaxed);
+  t.cpu_ns = root_->tokenize_cpu_ns_total.load(std::memory_order_relaxed);
+  t.errors = root_->tokenize_errors_total.load(std::memory_order_relaxed);
+  for (std::size_t i = 0; i < kForwardReasons; ++i) {
+    t.by_reason[i] = root_->forward_total[i].load(std::memory_order_relaxed);
+  }
+  return t;
+}
+
 std::vector<std::int32_t> SharedState::owners() const {
   std::vector<std::int32_t> pids;
   for (std::uint32_t o = 0; o < max_owners_; ++o) {
@@ -1147,6 +1184,31 @@ void SharedState::render_metrics(prom::TextWriter& w) const {
   w.family("omni_proxy_slots_reclaimed_total", "counter",
            "Slots freed because the worker holding them died.");
   w.sample("omni_proxy_slots_reclaimed_total", {}, d(reclaimed_total()));
+
+  const TokenizerStats tok = tokenizer_stats();
+  w.family("omni_proxy_tokenized_requests_total", "counter",
+           "Requests the proxy rendered and tokenized (omni_proxy_tokenizer).");
+  w.sample("omni_proxy_tokenized_requests_total", {}, d(tok.requests));
+  w.family("omni_proxy_tokenized_prompt_tokens_total", "counter",
+           "Prompt tokens the proxy produced or was sent as ids.");
+  w.sample("omni_proxy_tokenized_prompt_tokens_total", {}, d(tok.tokens));
+  w.family("omni_proxy_tokenize_seconds_total", "counter",
+           "Wall time spent rendering and tokenizing in the thread pool.");
+  w.sample("omni_proxy_tokenize_seconds_total", {}, d(tok.wall_ns) / 1e9);
+  w.family("omni_proxy_tokenize_cpu_seconds_total", "counter",
+           "CPU time of the thread-pool threads spent rendering and tokenizing.");
+  w.sample("omni_proxy_tokenize_cpu_seconds_total", {}, d(tok.cpu_ns) / 1e9);
+  w.family("omni_proxy_tokenize_errors_total", "counter",
+           "Requests refused while tokenizing (a template's raise_exception, bad input).");
+  w.sample("omni_proxy_tokenize_errors_total", {}, d(tok.errors));
+  w.family("omni_proxy_token_forwarding_total", "counter",
+           "Tokenized requests by how their prompt reached the engines: forwarded as token ids, "
+           "or passed through as text and why.");
+  for (std::size_t i = 0; i < static_cast<std::size_t>(ForwardReason::kCount); ++i) {
+    w.sample("omni_proxy_token_forwarding_total",
+             {{"result", std::string(forward_reason_name(static_cast<ForwardReason>(i)))}},
+             d(tok.by_reason[i]));
+  }
 
   w.family("omni_proxy_requests_in_stage", "gauge", "Requests currently in each lifecycle stage.");
   for (std::size_t i = 0; i < kStageCount; ++i) {
@@ -1271,6 +1333,19 @@ nlohmann::json SharedState::render_status_json() const {
       {"acquire_failures_owners", root_->acquire_no_owner_total.load(std::memory_order_relaxed)},
       {"reclaimed_total", reclaimed_total()},
   };
+  {
+    const TokenizerStats tok = tokenizer_stats();
+    nlohmann::json by = nlohmann::json::object();
+    for (std::size_t i = 0; i < static_cast<std::size_t>(ForwardReason::kCount); ++i) {
+      by[std::string(forward_reason_name(static_cast<ForwardReason>(i)))] = tok.by_reason[i];
+    }
+    j["tokenizer"] = {{"requests", tok.requests},
+                      {"prompt_tokens", tok.tokens},
+                      {"seconds", static_cast<double>(tok.wall_ns) / 1e9},
+                      {"cpu_seconds", static_cast<double>(tok.cpu_ns) / 1e9},
+                      {"errors", tok.errors},
+                      {"forwarding", std::move(by)}};
+  }
   nlohmann::json stages = nlohmann::json::object();
   for (std::size_t i = 0; i < kStageCount; ++i) {
     const Stage s = static_cast<Stage>(i);

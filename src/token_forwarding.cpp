@@ -57,8 +57,8 @@ void count(TokenizedRequest& out) {
 }
 
 // The rewritten body, re-validated so that its features describe what the engines get.
-BodyResult<ParsedBody> reparse(Api api, const ojson& doc) {
-  const std::string text = doc.dump(-1, ' ', false, ojson::error_handler_t::replace);
+BodyResult<ParsedBody> reparse(Api api, const ojson& doc, std::string& text) {
+  text = doc.dump(-1, ' ', false, ojson::error_handler_t::replace);
   ParseOptions options;
   options.max_body_bytes = std::max<std::size_t>(options.max_body_bytes, text.size() + 1);
   auto parsed = parse_request_body(api, text, options);
@@ -136,7 +136,8 @@ BodyResult<TokenizedRequest> tokenize_completion(const ParsedBody& body,
   }
   auto parsed = reparse(Api::kCompletions,
                         with_ids(doc, "prompt", "prompt", prompt.is_array(), out.ids,
-                                 {"add_special_tokens"}));
+                                 {"add_special_tokens"}),
+                        out.upstream_text);
   if (!parsed.ok()) return parsed.error();
   out.upstream.emplace(std::move(*parsed));
   out.upstream_api = Api::kCompletions;
@@ -168,7 +169,8 @@ BodyResult<TokenizedRequest> tokenize_generate(const ParsedBody& body,
     return out;
   }
   auto parsed =
-      reparse(Api::kGenerate, with_ids(doc, "text", "input_ids", text.is_array(), out.ids, {}));
+      reparse(Api::kGenerate, with_ids(doc, "text", "input_ids", text.is_array(), out.ids, {}),
+              out.upstream_text);
   if (!parsed.ok()) return parsed.error();
   out.upstream.emplace(std::move(*parsed));
   out.upstream_api = Api::kGenerate;
@@ -267,7 +269,8 @@ BodyResult<TokenizedRequest> tokenize_chat(const ParsedBody& body, const Tokeniz
     out.reason = ForwardReason::kDisabled;
   }
   if (out.reason != ForwardReason::kForwarded) return out;
-  auto parsed = reparse(Api::kCompletions, chat_as_completion(doc, out.ids.front()));
+  auto parsed =
+      reparse(Api::kCompletions, chat_as_completion(doc, out.ids.front()), out.upstream_text);
   if (!parsed.ok()) return parsed.error();
   out.upstream.emplace(std::move(*parsed));
   out.upstream_api = Api::kCompletions;

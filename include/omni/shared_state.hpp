@@ -57,6 +57,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <array>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -114,6 +115,16 @@ struct EngineLoadSample {
   std::optional<std::uint64_t> waiting_uncached_tokens;
   std::uint64_t polled_ns = 0;         // monotonic; 0: never polled
   std::uint64_t requests_at_poll = 0;  // the backend's requests_total at that poll
+};
+
+// Tokenizer-result reuse, over all workers (SharedState::count_tokenized).
+struct TokenizerStats {
+  std::uint64_t requests = 0;  // requests tokenized
+  std::uint64_t tokens = 0;    // their prompt tokens
+  std::uint64_t wall_ns = 0;   // time in the thread pool rendering and tokenizing
+  std::uint64_t cpu_ns = 0;    // CPU time of that work
+  std::uint64_t errors = 0;    // requests refused while tokenizing
+  std::array<std::uint64_t, 16> by_reason{};  // by omni::ForwardReason
 };
 
 // Admission to a limit group.
@@ -270,6 +281,15 @@ class SharedState {
   // process before reclaim looks alive, so run this promptly (on worker exit, and on a timer).
   std::size_t reclaim_dead(const std::function<bool(std::int32_t)>& is_alive);
 
+  // --- Tokenizer ------------------------------------------------------------------------------
+  static constexpr std::size_t kForwardReasons = 16;  // >= omni::ForwardReason::kCount
+  // One tokenized request: its prompt tokens, the wall and CPU time it took, and how its
+  // prompt was forwarded (an omni::ForwardReason).
+  void count_tokenized(std::uint64_t tokens, std::uint64_t wall_ns, std::uint64_t cpu_ns,
+                       std::uint8_t reason) noexcept;
+  void count_tokenize_error() noexcept;
+  TokenizerStats tokenizer_stats() const noexcept;
+
   // --- Backend counters -----------------------------------------------------------------------
   bool count_error(std::uint16_t backend) noexcept;
   bool count_retry(std::uint16_t backend) noexcept;
@@ -331,12 +351,15 @@ class SharedState {
   // stage_duration_seconds{stage} (histogram), request_duration_seconds, ttft_seconds,
   // tpot_seconds (histograms), backend_outstanding, backend_active_streams (gauges),
   // backend_requests_total, backend_errors_total, backend_retries_total (counters), the
-  // backend ones labelled {pool, backend}.
+  // backend ones labelled {pool, backend}; tokenized_requests_total,
+  // tokenized_prompt_tokens_total, tokenize_seconds_total, tokenize_cpu_seconds_total,
+  // tokenize_errors_total, token_forwarding_total{result}.
   void render_metrics(prom::TextWriter& w) const;
   // {"slots": {used, capacity, bytes_per_slot, acquire_failures_full, acquire_failures_owners,
   //  reclaimed_total}, "stages": {name: count}, "backends": [{index, name, pool, outstanding,
   //  active_streams, requests_total, errors_total, retries_total}],
-  //  "workers": [{pid, slots}]}
+  //  "workers": [{pid, slots}], "tokenizer": {requests, prompt_tokens, seconds, cpu_seconds,
+  //  errors, forwarding: {result: count}}}
   nlohmann::json render_status_json() const;
 
  private:

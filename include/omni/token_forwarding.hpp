@@ -64,6 +64,7 @@ struct TokenizedRequest {
   ForwardReason reason = ForwardReason::kForwarded;
   // When reason is kForwarded: the body to send instead of the client's, and its API.
   std::optional<ParsedBody> upstream;
+  std::string upstream_text;  // `upstream` serialized
   Api upstream_api = Api::kCompletions;
   // The client asked for a chat and the engines answer a completion: convert the answer.
   bool chat_to_completion = false;
