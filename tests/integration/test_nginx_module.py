@@ -16,7 +16,10 @@ BAD_LEVELS = re.compile(r"\[(alert|crit|emerg)\]")
 
 
 class Nginx:
-    def __init__(self, body, port=None):
+    def __init__(self, body, port=None, workers=2, main=""):
+        """`body` goes inside http{}, `main` (e.g. thread_pool) at the top level."""
+        self.workers = workers
+        self.main = main
         if not MODULE_SO or not os.path.exists(MODULE_SO):
             raise unittest.SkipTest("OMNI_MODULE_SO is not set; run through ctest")
         self.dir = tempfile.mkdtemp(prefix="omni-nginx-test-")
@@ -36,7 +39,8 @@ class Nginx:
 load_module {so};
 error_log {dir}/logs/error.log info;
 pid {dir}/nginx.pid;
-worker_processes 2;
+worker_processes {workers};
+{main}
 events {{ worker_connections 256; }}
 http {{
     access_log off;
@@ -47,7 +51,8 @@ http {{
     scgi_temp_path {dir}/tmp/scgi;
 {body}
 }}
-""".format(so=MODULE_SO, dir=self.dir, body=body.replace("PORT", str(self.port)))
+""".format(so=MODULE_SO, dir=self.dir, body=body.replace("PORT", str(self.port)),
+           workers=self.workers, main=self.main)
 
     def run(self, *args):
         return subprocess.run([NGINX, "-p", self.dir, "-c", self.conf] + list(args),
