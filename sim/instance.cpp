@@ -112,7 +112,8 @@ void Instance::Histogram::observe(double v) {
 Instance::Instance(asio::io_context& io, zmq::context_t* zmq_ctx, InstanceConfig config)
     : io_(io),
       cfg_(std::move(config)),
-      protocol_(cfg_.engine, cfg_.model, cfg_.profile.max_model_len, cfg_.default_max_tokens),
+      protocol_(cfg_.engine, cfg_.model, cfg_.profile.max_model_len, cfg_.default_max_tokens,
+                cfg_.tokenizer),
       timing_(cfg_.profile, cfg_.seed * 7919 + static_cast<std::uint64_t>(cfg_.index)),
       step_timer_(io),
       rng_(cfg_.seed * 104729 + static_cast<std::uint64_t>(cfg_.index)),
@@ -130,6 +131,9 @@ Instance::Instance(asio::io_context& io, zmq::context_t* zmq_ctx, InstanceConfig
     id_rng_.seed((static_cast<std::uint64_t>(rd()) << 32) ^ rd());
   }
   if (cfg_.engine_id.empty()) cfg_.engine_id = random_hex(id_rng_, 16);
+  if (cfg_.tokenizer && cfg_.tokenize_pool != nullptr) {
+    tokenize_strand_.emplace(asio::make_strand(cfg_.tokenize_pool->get_executor()));
+  }
 
   Engine::Hooks hooks;
   hooks.sample = [this](SeqRequest&) { return sample(); };
@@ -255,14 +259,19 @@ void Instance::handle(http::Request&& req, const std::shared_ptr<http::Responder
   try {
     route(std::move(req), res);
   } catch (const std::exception& e) {
-    requests_error_++;
-    std::fprintf(stderr, "omni-sim: instance %d: internal error: %s\n", cfg_.index, e.what());
-    if (res->open()) {
-      res->send(500, "application/json",
-                protocol_.error_body(Api::kCompletions, 500,
-                                     std::string("internal error: ") + e.what(),
-                                     "InternalServerError"));
-    }
+    internal_error(res, e);
+  }
+}
+
+void Instance::internal_error(const std::shared_ptr<http::Responder>& res,
+                              const std::exception& e) {
+  requests_error_++;
+  std::fprintf(stderr, "omni-sim: instance %d: internal error: %s\n", cfg_.index, e.what());
+  if (res->open()) {
+    res->send(500, "application/json",
+              protocol_.error_body(Api::kCompletions, 500,
+                                   std::string("internal error: ") + e.what(),
+                                   "InternalServerError"));
   }
 }
 
@@ -350,7 +359,37 @@ void Instance::handle_generate(Api api, http::Request&& req,
     return;  // never answered; the connection stays open until the client gives up
   }
 
-  auto parsed = protocol_.parse(api, req.body);
+  if (!tokenize_strand_) return start_job(api, req, res, fault, protocol_.parse(api, req.body));
+
+  // Off this thread: parsing and tokenizing a long prompt takes milliseconds, during which
+  // this thread would stall every instance's steps and streams. The protocol is immutable but
+  // for its atomic counters; the instance outlives the pool's work (see InstanceConfig).
+  asio::post(*tokenize_strand_, [this, api, req = std::move(req), res, fault]() mutable {
+    std::variant<ParsedRequest, ProtocolError> parsed;
+    try {
+      parsed = protocol_.parse(api, req.body);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "omni-sim: instance %d: internal error: %s\n", cfg_.index, e.what());
+      parsed = protocol_.error(api, 500, std::string("internal error: ") + e.what(),
+                               "InternalServerError");
+    }
+    std::string().swap(req.body);
+    asio::post(io_, [this, api, req = std::move(req), res = std::move(res),
+                     fault = std::move(fault), parsed = std::move(parsed)]() mutable {
+      // The client may have gone, or the instance crashed, meanwhile.
+      if (crashed_ || !res->open()) return;
+      try {
+        start_job(api, req, res, fault, std::move(parsed));
+      } catch (const std::exception& e) {
+        internal_error(res, e);
+      }
+    });
+  });
+}
+
+void Instance::start_job(Api api, const http::Request& req,
+                         const std::shared_ptr<http::Responder>& res, const std::string& fault,
+                         std::variant<ParsedRequest, ProtocolError>&& parsed) {
   if (auto* err = std::get_if<ProtocolError>(&parsed)) {
     requests_error_++;
     return res->send(err->status, "application/json", err->body);
@@ -1103,6 +1142,23 @@ std::string Instance::metrics_text() const {
     w.family("omni_sim:kv_event_batches_total", "counter", "KV event batches published.");
     w.sample("omni_sim:kv_event_batches_total", ol, static_cast<double>(publisher_->batches_published()));
   }
+  // Tokenizing text prompts (chat rendering included), measured around each render + encode:
+  // the engine-side cost that token-id prompts avoid.
+  const TokenizeCounters& tc = protocol_.tokenize_counters();
+  auto load = [](const std::atomic<std::uint64_t>& v) {
+    return static_cast<double>(v.load(std::memory_order_relaxed));
+  };
+  w.family("omni_sim_tokenize_cpu_seconds_total", "counter",
+           "Thread CPU time spent rendering and tokenizing text prompts.");
+  w.sample("omni_sim_tokenize_cpu_seconds_total", ol, load(tc.cpu_ns) / 1e9);
+  w.family("omni_sim_tokenize_seconds_total", "counter",
+           "Wall time spent rendering and tokenizing text prompts.");
+  w.sample("omni_sim_tokenize_seconds_total", ol, load(tc.wall_ns) / 1e9);
+  w.family("omni_sim_tokenized_prompts_total", "counter",
+           "Text prompts tokenized (a chat counts once).");
+  w.sample("omni_sim_tokenized_prompts_total", ol, load(tc.prompts));
+  w.family("omni_sim_tokenized_tokens_total", "counter", "Token ids produced by tokenizing text prompts.");
+  w.sample("omni_sim_tokenized_tokens_total", ol, load(tc.tokens));
   w.family("omni_sim:faults_injected_total", "counter", "Faults injected, by kind.");
   for (const char* kind : {"error", "hang", "disconnect", "slow", "crash"}) {
     prom::Labels l = ol;

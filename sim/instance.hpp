@@ -12,6 +12,12 @@
 // The prefill waits in its bootstrap queue until the decode joins the room at the prefill's
 // bootstrap server (POST /bootstrap/join, a long poll); then it prefills, transfers and
 // answers both. Either side gives up with an error after its timeout.
+//
+// Threads: everything runs on the io_context's thread, except that with a model tokenizer
+// (`--tokenizer`) generation requests are parsed and tokenized on a thread pool shared by the
+// instances (one request at a time per instance, in arrival order, much as an engine's single
+// tokenizing thread or process), so that a long prompt does not stall every instance's steps
+// and streams; the parsed request comes back to the io thread.
 #pragma once
 
 #include "engine.hpp"
@@ -23,6 +29,8 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -78,6 +86,11 @@ struct InstanceConfig {
   FaultConfig faults;
   http::ServerOptions http;
   std::string engine_id;
+  // --tokenizer: the model's tokenizer, shared by the instances (null: the stand-in).
+  std::shared_ptr<const ModelTokenizer> tokenizer;
+  // Where requests are parsed and tokenized (null: on the io thread). Must outlive the
+  // instance's use of it: the owner stops and joins it before destroying instances.
+  boost::asio::thread_pool* tokenize_pool = nullptr;
 };
 
 class Instance {
@@ -103,6 +116,10 @@ class Instance {
   void handle(http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void route(http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void handle_generate(Api api, http::Request&& req, const std::shared_ptr<http::Responder>& res);
+  // The rest of handle_generate once the body is parsed (on the io thread).
+  void start_job(Api api, const http::Request& req, const std::shared_ptr<http::Responder>& res,
+                 const std::string& fault, std::variant<ParsedRequest, ProtocolError>&& parsed);
+  void internal_error(const std::shared_ptr<http::Responder>& res, const std::exception& e);
   void handle_side(http::Request&& req, const std::shared_ptr<http::Responder>& res);
   void handle_bootstrap(http::Request&& req, const std::shared_ptr<http::Responder>& res);
 
@@ -139,6 +156,7 @@ class Instance {
   std::unique_ptr<http::Server> side_server_;       // vLLM prefill side channel
   std::unique_ptr<http::Server> bootstrap_server_;  // SGLang prefill bootstrap
   std::unique_ptr<KvEventPublisher> publisher_;
+  std::optional<boost::asio::strand<boost::asio::thread_pool::executor_type>> tokenize_strand_;
   boost::asio::steady_timer step_timer_;
   bool step_in_flight_ = false;
   bool kick_posted_ = false;

@@ -1,13 +1,16 @@
 // omni-sim: simulated vLLM and SGLang inference engines, any number of instances in one
 // process. See docs/simulator.md.
 #include "instance.hpp"
+#include "model_tokenizer.hpp"
 
 #include <omni/version.hpp>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +19,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unistd.h>
 
 namespace {
@@ -28,7 +32,7 @@ constexpr int kMaxInstances = 64;
 const char* kUsage = R"(usage: omni-sim [options]
 
 Simulated vLLM / SGLang inference engines. Every instance gets its own port; one process
-runs them all on one thread.
+runs them all on one thread (plus tokenizer threads with --tokenizer).
 
 Cluster:
   --engine vllm|sglang          engine to imitate (default vllm)
@@ -49,6 +53,10 @@ Engine model:
   --time-scale F                wall time = model time x F (default 1)
   --seed N                      RNG seed for jitter, sampling and faults (default 1)
   --default-max-tokens N        output length bound when a request sets none (default 256)
+  --tokenizer DIR               tokenize text prompts with the model's real tokenizer and chat
+                                template (DIR/tokenizer.json, DIR/tokenizer_config.json), as
+                                the engines do, on worker threads; token ids are checked
+                                against its vocabulary (default: the built-in stand-in)
 
 KV events (ZMQ, vLLM wire format):
   --kv-events                   publish KV events (implied by the next two)
@@ -117,6 +125,7 @@ struct Options {
   std::set<int> fault_instances;
   std::string ready_file;
   double duration_s = 0;
+  std::string tokenizer_dir;
 };
 
 Options parse_args(int argc, char** argv) {
@@ -180,6 +189,9 @@ Options parse_args(int argc, char** argv) {
       c.seed = parse_number<std::uint64_t>(flag, value(), 0, UINT64_MAX);
     } else if (flag == "--default-max-tokens") {
       c.default_max_tokens = static_cast<std::uint32_t>(count(1L << 24));
+    } else if (flag == "--tokenizer") {
+      o.tokenizer_dir = value();
+      if (o.tokenizer_dir.empty()) die("--tokenizer: must not be empty");
     } else if (flag == "--kv-events") {
       c.kv_events = true;
     } else if (flag == "--kv-events-port") {
@@ -297,6 +309,20 @@ void write_ready_file(const std::string& path, const std::string& text) {
 
 int main(int argc, char** argv) {
   Options o = parse_args(argc, argv);
+  // The model's tokenizer, shared by every instance, and the threads that tokenize with it: one
+  // per instance up to the number of cores.
+  std::optional<boost::asio::thread_pool> tokenize_pool;
+  if (!o.tokenizer_dir.empty()) {
+    try {
+      o.base.tokenizer = omni::sim::ModelTokenizer::load(o.tokenizer_dir);
+    } catch (const std::exception& e) {
+      std::cerr << "omni-sim: --tokenizer: " << e.what() << "\n";
+      return 2;
+    }
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    tokenize_pool.emplace(std::min<std::size_t>(cores, static_cast<std::size_t>(o.instances)));
+    o.base.tokenize_pool = &*tokenize_pool;
+  }
   boost::asio::io_context io(1);
   std::optional<zmq::context_t> zmq_ctx;
   if (o.base.kv_events) zmq_ctx.emplace(1);
@@ -348,6 +374,11 @@ int main(int argc, char** argv) {
   }
   ::signal(SIGPIPE, SIG_IGN);
   io.run();
+  // No tokenizing may be running once the instances it works for are gone.
+  if (tokenize_pool) {
+    tokenize_pool->stop();
+    tokenize_pool->join();
+  }
   replay.stop();
   instances.clear();
   return 0;

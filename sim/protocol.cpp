@@ -1,21 +1,28 @@
 #include "protocol.hpp"
 
+#include <omni/jinja.hpp>
 #include <omni/openai_error.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 
 namespace omni::sim {
 
 using nlohmann::json;
+using ojson = nlohmann::ordered_json;
 
 Protocol::Protocol(EngineKind kind, std::string served_model, std::uint32_t max_model_len,
-                   std::uint32_t default_max_tokens)
+                   std::uint32_t default_max_tokens,
+                   std::shared_ptr<const ModelTokenizer> tokenizer)
     : kind_(kind),
       model_(std::move(served_model)),
       max_model_len_(max_model_len),
-      default_max_tokens_(default_max_tokens) {}
+      default_max_tokens_(default_max_tokens),
+      model_tok_(std::move(tokenizer)),
+      vocab_size_(model_tok_ ? model_tok_->vocab_size() : std::size_t{SimTokenizer::kVocabSize}) {}
 
 std::string Protocol::error_body(Api api, int status, std::string_view message,
                                  std::string_view type, std::string_view param) const {
@@ -53,7 +60,8 @@ struct Invalid {
   std::string param;
 };
 
-bool as_token_ids(const json& j, std::vector<TokenId>& out, std::string& why) {
+bool as_token_ids(const json& j, std::size_t vocab_size, std::vector<TokenId>& out,
+                  std::string& why) {
   out.clear();
   out.reserve(j.size());
   for (const auto& v : j) {
@@ -61,8 +69,9 @@ bool as_token_ids(const json& j, std::vector<TokenId>& out, std::string& why) {
       why = "token ids must be integers";
       return false;
     }
+    // (An unsigned id above INT64_MAX reads as negative: out of vocabulary either way.)
     const auto id = v.get<std::int64_t>();
-    if (id < 0 || id >= static_cast<std::int64_t>(SimTokenizer::kVocabSize)) {
+    if (id < 0 || static_cast<std::uint64_t>(id) >= vocab_size) {
       why = "Token id " + std::to_string(id) + " is out of vocabulary";
       return false;
     }
@@ -71,7 +80,117 @@ bool as_token_ids(const json& j, std::vector<TokenId>& out, std::string& why) {
   return true;
 }
 
+// A bool member, or `dflt` when it is absent or not a bool (as the proxy reads it).
+bool flag(const json& j, const char* key, bool dflt) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_boolean() ? it->get<bool>() : dflt;
+}
+
+std::uint64_t thread_cpu_ns() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000ULL +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+// Adds the calling thread's CPU time and the wall time of its scope to the counters (on every
+// exit: a prompt the template refuses cost CPU too); done() also counts the prompt.
+class TokenizeTimer {
+ public:
+  explicit TokenizeTimer(TokenizeCounters& c) noexcept
+      : c_(c), cpu0_(thread_cpu_ns()), wall0_(std::chrono::steady_clock::now()) {}
+  ~TokenizeTimer() {
+    const std::uint64_t cpu = thread_cpu_ns() - cpu0_;
+    const auto wall = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now() - wall0_)
+                          .count();
+    c_.cpu_ns.fetch_add(cpu, std::memory_order_relaxed);
+    c_.wall_ns.fetch_add(static_cast<std::uint64_t>(std::max<std::int64_t>(wall, 0)),
+                         std::memory_order_relaxed);
+  }
+  TokenizeTimer(const TokenizeTimer&) = delete;
+  TokenizeTimer& operator=(const TokenizeTimer&) = delete;
+  void done(std::size_t tokens) noexcept {
+    c_.prompts.fetch_add(1, std::memory_order_relaxed);
+    c_.tokens.fetch_add(tokens, std::memory_order_relaxed);
+  }
+
+ private:
+  TokenizeCounters& c_;
+  std::uint64_t cpu0_;
+  std::chrono::steady_clock::time_point wall0_;
+};
+
+// vLLM's answer to a chat request for a model without a chat template.
+constexpr const char* kNoChatTemplate =
+    "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
+    "a chat template if the tokenizer does not define one.";
+
 }  // namespace
+
+std::vector<TokenId> Protocol::encode_text(const std::string& text,
+                                           bool add_special_tokens) const {
+  TokenizeTimer timer(counters_);
+  std::vector<TokenId> ids = model_tok_ ? model_tok_->tokenizer().encode(text, add_special_tokens)
+                                        : tokenizer_.encode(text);
+  timer.done(ids.size());
+  return ids;
+}
+
+std::optional<ProtocolError> Protocol::encode_model_chat(const json& j, std::string_view body,
+                                                         ParsedRequest& out) const {
+  const Api api = Api::kChatCompletions;
+  auto invalid = [&](const std::string& msg, const std::string& param) {
+    return error(api, 400, "1 validation error:\n  " + param + ": " + msg, "Bad Request",
+                 param);
+  };
+  const json& messages = j["messages"];
+  if (!messages.is_array()) return invalid("Input should be a valid list", "body.messages");
+  if (j.contains("add_generation_prompt") && !j["add_generation_prompt"].is_null() &&
+      !j["add_generation_prompt"].is_boolean()) {
+    return invalid("Input should be a valid boolean", "body.add_generation_prompt");
+  }
+  if (j.contains("chat_template_kwargs") && !j["chat_template_kwargs"].is_null() &&
+      !j["chat_template_kwargs"].is_object()) {
+    return invalid("Input should be a valid dictionary", "body.chat_template_kwargs");
+  }
+  const ChatTemplate* chat = model_tok_->chat_template();
+  if (chat == nullptr) return error(api, 400, kNoChatTemplate, "BadRequestError");
+
+  // The template sees objects in the client's key order (`tools | tojson`): the members it
+  // renders are read again from the body, order kept. (Not measured: vLLM parses the body
+  // once, and parsing is not tokenizing.)
+  const ojson doc = ojson::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_object()) {
+    return error(api, 500, "internal error: the body does not parse again", "InternalServerError");
+  }
+  auto member = [&](const char* key) {
+    auto it = doc.find(key);
+    return it == doc.end() ? ojson(nullptr) : *it;
+  };
+  std::string why;
+  std::optional<ojson> normalized;
+  {
+    TokenizeTimer timer(counters_);
+    normalized = normalize_messages(doc["messages"], why);
+    if (normalized) {
+      std::string prompt;
+      try {
+        prompt = chat->render(*normalized, member("tools"), flag(j, "add_generation_prompt", true),
+                              member("chat_template_kwargs"));
+      } catch (const jinja::RenderError& e) {
+        return error(api, 400, e.what(), "BadRequestError");
+      }
+      // The template writes the special tokens: none are added unless asked for.
+      std::vector<TokenId> ids =
+          model_tok_->tokenizer().encode(prompt, flag(j, "add_special_tokens", false));
+      timer.done(ids.size());
+      out.prompts.push_back(std::move(ids));
+    }
+  }
+  if (!normalized) return invalid(why, "body.messages");
+  return std::nullopt;
+}
 
 std::optional<ProtocolError> Protocol::check_lengths(Api api, const ParsedRequest& r) const {
   for (const auto& p : r.prompts) {
@@ -107,7 +226,7 @@ std::variant<ParsedRequest, ProtocolError> Protocol::parse(Api api, std::string_
   ParsedRequest out;
   out.api = api;
   std::optional<ProtocolError> err =
-      api == Api::kGenerate ? parse_generate(j, out) : parse_openai(api, j, out);
+      api == Api::kGenerate ? parse_generate(j, out) : parse_openai(api, j, body, out);
   if (err) return *err;
   if (auto e = parse_bootstrap(api, j, out)) return *e;
   if (out.n > 1 && !out.bootstrap.empty()) {
@@ -120,6 +239,7 @@ std::variant<ParsedRequest, ProtocolError> Protocol::parse(Api api, std::string_
 }
 
 std::optional<ProtocolError> Protocol::parse_openai(Api api, const json& j,
+                                                    std::string_view body,
                                                     ParsedRequest& out) const {
   auto invalid = [&](const std::string& msg, const std::string& param) {
     return error(api, 400, "1 validation error:\n  " + param + ": " + msg, "Bad Request",
@@ -136,20 +256,22 @@ std::optional<ProtocolError> Protocol::parse_openai(Api api, const json& j,
     if (!j.contains("prompt")) return invalid("Field required", "body.prompt");
     const json& p = j["prompt"];
     std::string why;
+    // vLLM tokenizes completions prompts with special tokens unless told otherwise.
+    const bool add_special = flag(j, "add_special_tokens", true);
     if (p.is_string()) {
-      out.prompts.push_back(tokenizer_.encode(p.get<std::string>()));
+      out.prompts.push_back(encode_text(p.get_ref<const std::string&>(), add_special));
     } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
       std::vector<TokenId> ids;
-      if (!as_token_ids(p, ids, why)) return invalid(why, "body.prompt");
+      if (!as_token_ids(p, vocab_size_, ids, why)) return invalid(why, "body.prompt");
       out.prompts.push_back(std::move(ids));
     } else if (p.is_array() && !p.empty()) {
       out.batch = true;
       for (const auto& item : p) {
         if (item.is_string()) {
-          out.prompts.push_back(tokenizer_.encode(item.get<std::string>()));
+          out.prompts.push_back(encode_text(item.get_ref<const std::string&>(), add_special));
         } else if (item.is_array()) {
           std::vector<TokenId> ids;
-          if (!as_token_ids(item, ids, why)) return invalid(why, "body.prompt");
+          if (!as_token_ids(item, vocab_size_, ids, why)) return invalid(why, "body.prompt");
           out.prompts.push_back(std::move(ids));
         } else {
           return invalid("Input should be a string or a list of token ids", "body.prompt");
@@ -161,11 +283,17 @@ std::optional<ProtocolError> Protocol::parse_openai(Api api, const json& j,
     }
   } else {
     if (!j.contains("messages")) return invalid("Field required", "body.messages");
-    try {
-      const bool gen_prompt = j.value("add_generation_prompt", true);
-      out.prompts.push_back(tokenizer_.encode_chat(j["messages"], gen_prompt));
-    } catch (const std::exception& e) {
-      return invalid(e.what(), "body.messages");
+    if (model_tok_) {
+      if (auto e = encode_model_chat(j, body, out)) return e;
+    } else {
+      try {
+        const bool gen_prompt = j.value("add_generation_prompt", true);
+        TokenizeTimer timer(counters_);
+        out.prompts.push_back(tokenizer_.encode_chat(j["messages"], gen_prompt));
+        timer.done(out.prompts.back().size());
+      } catch (const std::exception& e) {
+        return invalid(e.what(), "body.messages");
+      }
     }
   }
 
@@ -249,13 +377,14 @@ std::optional<ProtocolError> Protocol::parse_generate(const json& j, ParsedReque
   std::string why;
   if (has_text) {
     const json& t = j["text"];
+    // SGLang tokenizes /generate text with the tokenizer's defaults: special tokens added.
     if (t.is_string()) {
-      out.prompts.push_back(tokenizer_.encode(t.get<std::string>()));
+      out.prompts.push_back(encode_text(t.get_ref<const std::string&>(), true));
     } else if (t.is_array() && !t.empty()) {
       out.batch = true;
       for (const auto& item : t) {
         if (!item.is_string()) return error(api, 400, "text must be a string or list of strings");
-        out.prompts.push_back(tokenizer_.encode(item.get<std::string>()));
+        out.prompts.push_back(encode_text(item.get_ref<const std::string&>(), true));
       }
     } else {
       return error(api, 400, "text must be a string or a non-empty list of strings");
@@ -269,14 +398,14 @@ std::optional<ProtocolError> Protocol::parse_generate(const json& j, ParsedReque
       out.batch = true;
       for (const auto& item : ids) {
         std::vector<TokenId> v;
-        if (!item.is_array() || !as_token_ids(item, v, why)) {
+        if (!item.is_array() || !as_token_ids(item, vocab_size_, v, why)) {
           return error(api, 400, why.empty() ? "input_ids items must be lists of ints" : why);
         }
         out.prompts.push_back(std::move(v));
       }
     } else {
       std::vector<TokenId> v;
-      if (!as_token_ids(ids, v, why)) return error(api, 400, why);
+      if (!as_token_ids(ids, vocab_size_, v, why)) return error(api, 400, why);
       out.prompts.push_back(std::move(v));
     }
   }

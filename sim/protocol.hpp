@@ -7,13 +7,22 @@
 // SGLang: the same OpenAI endpoints, with flat errors
 //        {"object": "error", "message", "type", "param", "code"}, and POST /generate with
 //        `text` or `input_ids`, `sampling_params`, errors {"error": {"message"}}.
+//
+// Text prompts are tokenized by the stand-in SimTokenizer, or, given a ModelTokenizer
+// (`--tokenizer DIR`), by the model's real tokenizer and chat template, as vLLM and SGLang
+// do: completions prompts with add_special_tokens (default true), chats rendered with the
+// model's template then encoded with add_special_tokens (default false), /generate text with
+// special tokens. Either way the cost is measured (TokenizeCounters).
 #pragma once
 
+#include "model_tokenizer.hpp"
 #include "tokenizer.hpp"
 
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -50,19 +59,38 @@ struct ProtocolError {
   std::string body;
 };
 
+// What tokenizing text prompts has cost (chat rendering included): thread CPU time and wall
+// time around each render + encode, the prompts tokenized (a chat counts once, a batch of
+// texts once per text; token-id prompts are not tokenized) and the ids they produced.
+// Updated from whichever thread parses; lock-free.
+struct TokenizeCounters {
+  std::atomic<std::uint64_t> cpu_ns{0};
+  std::atomic<std::uint64_t> wall_ns{0};
+  std::atomic<std::uint64_t> prompts{0};
+  std::atomic<std::uint64_t> tokens{0};
+};
+
 class Protocol {
  public:
   // The largest `n` accepted (the engines themselves set no limit).
   static constexpr std::int64_t kMaxN = 256;
 
+  // `tokenizer` null: the stand-in SimTokenizer.
   Protocol(EngineKind kind, std::string served_model, std::uint32_t max_model_len,
-           std::uint32_t default_max_tokens);
+           std::uint32_t default_max_tokens,
+           std::shared_ptr<const ModelTokenizer> tokenizer = nullptr);
 
   EngineKind kind() const noexcept { return kind_; }
   const std::string& model() const noexcept { return model_; }
+  const ModelTokenizer* model_tokenizer() const noexcept { return model_tok_.get(); }
+  // Token ids given in requests must be below this.
+  std::size_t vocab_size() const noexcept { return vocab_size_; }
 
-  // Parses and validates a request body for `api`.
+  // Parses and validates a request body for `api`, tokenizing its text. Safe to call from
+  // several threads at once.
   std::variant<ParsedRequest, ProtocolError> parse(Api api, std::string_view body) const;
+
+  const TokenizeCounters& tokenize_counters() const noexcept { return counters_; }
 
   // An error body in this engine's shape for `api`.
   std::string error_body(Api api, int status, std::string_view message,
@@ -77,7 +105,12 @@ class Protocol {
 
  private:
   std::optional<ProtocolError> parse_openai(Api api, const nlohmann::json& j,
-                                            ParsedRequest& out) const;
+                                            std::string_view body, ParsedRequest& out) const;
+  // One text prompt to ids (measured).
+  std::vector<TokenId> encode_text(const std::string& text, bool add_special_tokens) const;
+  // A chat with the model's template (measured); the error to answer when it cannot.
+  std::optional<ProtocolError> encode_model_chat(const nlohmann::json& j, std::string_view body,
+                                                 ParsedRequest& out) const;
   std::optional<ProtocolError> parse_generate(const nlohmann::json& j, ParsedRequest& out) const;
   std::optional<ProtocolError> parse_bootstrap(Api api, const nlohmann::json& j,
                                                ParsedRequest& out) const;
@@ -88,6 +121,9 @@ class Protocol {
   std::uint32_t max_model_len_;
   std::uint32_t default_max_tokens_;
   SimTokenizer tokenizer_;
+  std::shared_ptr<const ModelTokenizer> model_tok_;
+  std::size_t vocab_size_;
+  mutable TokenizeCounters counters_;
 };
 
 // One generated sequence, for response bodies.
