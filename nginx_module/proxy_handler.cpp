@@ -1115,9 +1115,12 @@ void start_tokenize(ngx_http_request_t* r, State& st) {
 
 // The request continues once its prompt is tokenized (or needed no tokenizing).
 void tokenized(ngx_http_request_t* r) noexcept try {
-  r->write_event_handler = ngx_http_request_empty_handler;
   Ctx* ctx = get_ctx(r);
   State& st = *ctx->state;
+  // A write event of the client connection while the thread still works (nginx calls the
+  // write handler whenever the connection is writable): nothing to do yet.
+  if (st.job != nullptr) return;
+  r->write_event_handler = ngx_http_request_empty_handler;
   if (st.tokenize_status == 0 && !st.parsed) st.tokenize_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
   if (st.tokenize_status != 0) {
     // A template that refused the conversation is the request's fault (4xx, the core's

@@ -130,7 +130,8 @@ class NginxOpenAISdkTest(unittest.TestCase):
             cls.sims.append(cls.tprefill)
             cls.tdecode = Sim(*common, *tok, "--role", "decode")
             cls.sims.append(cls.tdecode)
-            agg_listen, tseq_listen, tagg_listen = free_port(3)
+            agg_listen = free_port(3)
+            tseq_listen, tagg_listen = agg_listen + 1, agg_listen + 2
             cls.nginx = Nginx(config(cls.agg.port(), cls.prefill.port(), cls.decode.port(),
                                      "PORT", agg_listen) +
                               tok_config(cls.tagg.port(), cls.tprefill.port(),
@@ -232,9 +233,7 @@ class NginxOpenAISdkTest(unittest.TestCase):
                          "completion_stream"):
                 self.result(direct, case)
             self.assert_bad_request(self.out[direct]["missing_messages"], "messages")
-        # The two tokenizers differ: a tokenizing location matching directtok got real ids.
-        self.assertNotEqual(self.result("direct", "chat")["usage"]["prompt_tokens"],
-                            self.result("directtok", "chat")["usage"]["prompt_tokens"])
+
 
     def test_chat_completion(self):
         for t in self.each_proxy():
