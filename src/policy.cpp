@@ -290,7 +290,11 @@ void LeastOutstandingScorer::score(const PickContext& ctx, std::span<const std::
                                    std::span<double> scores) const {
   for (std::size_t i = 0; i < candidates.size(); ++i) {
     const BackendState& b = ctx.pool[candidates[i]];
-    scores[i] = static_cast<double>(b.outstanding) /
+    // Equal outstanding counts are told apart by the requests sent since the last engine poll
+    // (a fraction of one request, so it never outweighs a real difference): light sequential
+    // traffic then alternates between idle servers instead of following the request hash.
+    const double recent = std::min<double>(b.load.sent_since_poll, 1000.0) * 1e-4;
+    scores[i] = (static_cast<double>(b.outstanding) + recent) /
                 static_cast<double>(std::max<std::uint32_t>(b.weight, 1));
   }
   normalize_loads(scores, 1.0);

@@ -18,7 +18,7 @@ BAD_LEVELS = re.compile(r"\[(alert|crit|emerg)\]")
 class Nginx:
     def __init__(self, body, port=None, workers=2, main=""):
         """`body` goes inside http{}, `main` (e.g. thread_pool) at the top level."""
-        self.workers = workers
+        self.worker_count = workers
         self.main = main
         if not MODULE_SO or not os.path.exists(MODULE_SO):
             raise unittest.SkipTest("OMNI_MODULE_SO is not set; run through ctest")
@@ -52,7 +52,7 @@ http {{
 {body}
 }}
 """.format(so=MODULE_SO, dir=self.dir, body=body.replace("PORT", str(self.port)),
-           workers=self.workers, main=self.main)
+           workers=self.worker_count, main=self.main)
 
     def run(self, *args):
         return subprocess.run([NGINX, "-p", self.dir, "-c", self.conf] + list(args),

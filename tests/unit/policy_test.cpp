@@ -119,6 +119,28 @@ TEST(PolicyLeastOutstanding, WeightsRespected) {
   }
 }
 
+TEST(PolicyLeastOutstanding, EqualCountsGoToTheServerSentLeastSinceThePoll) {
+  // Sequential light traffic: nothing outstanding anywhere, but server 1 got fewer requests
+  // since the engines were last polled, so it is next whatever the request hash.
+  std::vector<BackendState> backends = {backend(0, 1), backend(0, 1), backend(0, 1)};
+  backends[0].load.sent_since_poll = 3;
+  backends[1].load.sent_since_poll = 1;
+  backends[2].load.sent_since_poll = 2;
+  const PoolSnapshot pool = pool_of(std::move(backends));
+  const Policy policy = make_least_outstanding_policy();
+  for (std::uint64_t hash = 0; hash < 200; ++hash) {
+    const Pick pick = policy.pick(request(hash), pool, kNow);
+    EXPECT_EQ(pick.chosen, 1u);
+    EXPECT_EQ(pick.runner_up, 2u);
+  }
+  // A real difference in outstanding requests always wins over recent sends.
+  std::vector<BackendState> busy = {backend(1, 1), backend(2, 1)};
+  busy[1].load.sent_since_poll = 0;
+  busy[0].load.sent_since_poll = 5000;
+  const PoolSnapshot pool2 = pool_of(std::move(busy));
+  EXPECT_EQ(policy.pick(request(7), pool2, kNow).chosen, 0u);
+}
+
 TEST(PolicyLeastOutstanding, TiesAreDeterministic) {
   const PoolSnapshot pool = pool_with_outstanding({2, 2, 2, 2, 2, 2});
   const Policy a = make_least_outstanding_policy();
