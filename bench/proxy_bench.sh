@@ -23,10 +23,10 @@ command -v h2load >/dev/null || { echo "h2load is missing: scripts/setup.sh inst
 
 dir="$(mktemp -d)"
 chmod 755 "$dir"
-pids=()
 cleanup() {
   [ -f "$dir/nginx.pid" ] && /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -s quit 2>/dev/null || true
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # sim() runs in a command substitution (a subshell): its pids are in files.
+  for f in "$dir"/*.pid; do [ "$f" = "$dir/nginx.pid" ] || kill "$(cat "$f")" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$dir"
 }
@@ -36,7 +36,7 @@ sim() {  # name, args...
   local name="$1"; shift
   "$SIM" --port 0 --time-scale 0.01 --duration 600 --ready-file "$dir/$name.json" "$@" \
     > "$dir/$name.log" 2>&1 &
-  pids+=("$!")
+  echo "$!" > "$dir/$name.pid"
   for _ in $(seq 1 200); do [ -f "$dir/$name.json" ] && break; sleep 0.05; done
   /usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['instances'][0]['http_port'])" \
     "$dir/$name.json"

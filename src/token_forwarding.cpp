@@ -56,17 +56,23 @@ void count(TokenizedRequest& out) {
   for (const auto& item : out.ids) out.prompt_tokens += item.size();
 }
 
-// The rewritten body, re-validated so that its features describe what the engines get.
-BodyResult<ParsedBody> reparse(Api api, const ojson& doc, std::string& text) {
+// The rewritten body: the client's features, updated for what changed (the API, the prompt now
+// given as ids), and its serialization. Not parsed again: the ids are the tokenizer's, the rest
+// of the document was validated with the client's body.
+ParsedBody rewritten(Api api, ojson doc, const BodyFeatures& client,
+                     const std::vector<std::vector<TokenId>>& ids, std::string& text) {
   text = doc.dump(-1, ' ', false, ojson::error_handler_t::replace);
-  ParseOptions options;
-  options.max_body_bytes = std::max<std::size_t>(options.max_body_bytes, text.size() + 1);
-  auto parsed = parse_request_body(api, text, options);
-  if (!parsed.ok()) {
-    return BodyError{500, "the token-id body the proxy built is invalid: " + parsed.error().message,
-                     {}, {}};
-  }
-  return parsed;
+  ParsedBody out;
+  out.json = std::move(doc);
+  out.features = client;
+  out.features.api = api;
+  out.features.has_token_ids = true;
+  out.features.prompt_chars = 0;
+  out.features.prompt_token_ids = 0;
+  for (const auto& item : ids) out.features.prompt_token_ids += item.size();
+  out.features.has_max_completion_tokens =
+      client.has_max_completion_tokens && api == client.api;
+  return out;
 }
 
 // Text inputs: a string, or a list mixing strings and id lists. `key` is "prompt" or "text".
@@ -134,12 +140,10 @@ BodyResult<TokenizedRequest> tokenize_completion(const ParsedBody& body,
     out.reason = ForwardReason::kDisabled;
     return out;
   }
-  auto parsed = reparse(Api::kCompletions,
-                        with_ids(doc, "prompt", "prompt", prompt.is_array(), out.ids,
-                                 {"add_special_tokens"}),
-                        out.upstream_text);
-  if (!parsed.ok()) return parsed.error();
-  out.upstream.emplace(std::move(*parsed));
+  out.upstream.emplace(rewritten(Api::kCompletions,
+                                with_ids(doc, "prompt", "prompt", prompt.is_array(), out.ids,
+                                         {"add_special_tokens"}),
+                                body.features, out.ids, out.upstream_text));
   out.upstream_api = Api::kCompletions;
   return out;
 }
@@ -168,11 +172,9 @@ BodyResult<TokenizedRequest> tokenize_generate(const ParsedBody& body,
     out.reason = ForwardReason::kDisabled;
     return out;
   }
-  auto parsed =
-      reparse(Api::kGenerate, with_ids(doc, "text", "input_ids", text.is_array(), out.ids, {}),
-              out.upstream_text);
-  if (!parsed.ok()) return parsed.error();
-  out.upstream.emplace(std::move(*parsed));
+  out.upstream.emplace(rewritten(Api::kGenerate,
+                                with_ids(doc, "text", "input_ids", text.is_array(), out.ids, {}),
+                                body.features, out.ids, out.upstream_text));
   out.upstream_api = Api::kGenerate;
   return out;
 }
@@ -269,10 +271,8 @@ BodyResult<TokenizedRequest> tokenize_chat(const ParsedBody& body, const Tokeniz
     out.reason = ForwardReason::kDisabled;
   }
   if (out.reason != ForwardReason::kForwarded) return out;
-  auto parsed =
-      reparse(Api::kCompletions, chat_as_completion(doc, out.ids.front()), out.upstream_text);
-  if (!parsed.ok()) return parsed.error();
-  out.upstream.emplace(std::move(*parsed));
+  out.upstream.emplace(rewritten(Api::kCompletions, chat_as_completion(doc, out.ids.front()),
+                                body.features, out.ids, out.upstream_text));
   out.upstream_api = Api::kCompletions;
   out.chat_to_completion = true;
   return out;
