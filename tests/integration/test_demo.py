@@ -110,8 +110,11 @@ class DemoTest(unittest.TestCase):
         self.assertRegex(out, r'"POST /v1/chat/completions HTTP/1\.1" 200 \d+ [\d.]+ s '
                               r'prefill=127\.0\.0\.1:(%d|%d) decode=127\.0\.0\.1:(%d|%d) '
                               r'ttft_ms=[\d.]+ tpot_ms=[\d.]+ tokens=\d+/24 '
-                              r'stages_ms=received=[\d.]+,.*,done=1'
+                              r'stages_ms=received=[\d.]+,.*,done=1 '
+                              r'forwarding=forwarded tokenize_ms=[\d.]+'
                          % (prefill_port, prefill_port + 1, decode_port, decode_port + 1))
+        # The proxy tokenized every request once and sent the engines token ids.
+        self.assertRegex(out, r'omni_proxy_token_forwarding_total\{result="forwarded"\} 3')
         # The proxy's own metrics counted the requests per instance.
         self.assertRegex(out, r'omni_proxy_backend_requests_total\{pool="decode",'
                               r'backend="127\.0\.0\.1:\d+"\} [1-9]')
