@@ -21,6 +21,10 @@
 
 #include <nlohmann/json.hpp>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -158,6 +162,61 @@ std::size_t utf16_length(std::string_view s) {
   return n;
 }
 
+// String.prototype.toLowerCase (ICU, no locale): the simple mappings, U+0130 -> "i\u0307", and
+// capital sigma -> final sigma when a cased letter precedes it and none follows (skipping
+// case-ignorable characters both ways; a character that is both counts as ignorable, as ICU
+// does).
+std::string js_to_lower(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0x80) {
+      out.push_back(static_cast<char>(b >= 'A' && b <= 'Z' ? b + 32 : b));
+      ++i;
+      continue;
+    }
+    const std::size_t start = i;
+    const char32_t cp = unicode::next_cp(s, i);
+    if (cp == 0x130) {
+      out += "i\u0307";
+    } else if (cp == 0x3A3) {
+      static const Regex cased("^\\p{Cased}"), ignorable("^\\p{Case_Ignorable}");
+      MatchScratch& scratch = MatchScratch::local();
+      auto kind = [&](std::size_t at, std::size_t len) {  // 2 ignorable, 1 cased, 0 neither
+        const std::string_view c = s.substr(at, len);
+        Span m{};
+        if (ignorable.find(c, 0, scratch, nullptr, m)) return 2;
+        return cased.find(c, 0, scratch, nullptr, m) ? 1 : 0;
+      };
+      bool before = false;
+      for (std::size_t j = start; j > 0;) {
+        std::size_t k = j - 1;
+        while (k > 0 && (static_cast<unsigned char>(s[k]) & 0xC0) == 0x80) --k;
+        const int t = kind(k, j - k);
+        j = k;
+        if (t == 2) continue;
+        before = t == 1;
+        break;
+      }
+      bool after = false;
+      for (std::size_t j = i; j < s.size();) {
+        const std::size_t len = unicode::cp_len(static_cast<unsigned char>(s[j]));
+        const int t = kind(j, len);
+        j += len;
+        if (t == 2) continue;
+        after = t == 1;
+        break;
+      }
+      unicode::append_utf8(out, before && !after ? 0x3C2 : 0x3C3);
+    } else {
+      unicode::append_utf8(out, unicode::simple_lower(cp));
+    }
+  }
+  return out;
+}
+
 // Pattern of a Split/Replace (the reference's create_pattern).
 std::string create_pattern(const json& pattern, bool invert, const std::string& where) {
   if (const json* re = member(pattern, "Regex")) {
@@ -175,7 +234,7 @@ std::string create_pattern(const json& pattern, bool invert, const std::string& 
 // ---- components -----------------------------------------------------------------------------
 
 struct NormStep {
-  enum class Kind { kUnicode, kReplace, kStrip, kPrepend, kStripAccents };
+  enum class Kind { kUnicode, kReplace, kStrip, kPrepend, kStripAccents, kLowercase };
   Kind kind;
   unicode::NormForm form = unicode::NormForm::kNFC;
   std::shared_ptr<Regex> re;
@@ -218,6 +277,7 @@ struct DecoderNode {
 };
 
 constexpr std::uint32_t kNoSym = std::numeric_limits<std::uint32_t>::max();
+constexpr TokenId kNotInVocab = std::numeric_limits<TokenId>::max();  // sym_out_ of a non-token
 
 }  // namespace
 
@@ -271,6 +331,9 @@ class TokenizerImpl final : public Tokenizer {
   bool normalize(std::string_view in, std::string& out) const;
   void pre_tokenize(std::size_t step, std::string_view piece, bool bl_view,
                     std::size_t section_index, EncodeState& st) const;
+  template <typename Emit>
+  static void split(const PreTokStep& s, std::string_view text, MatchScratch& scratch,
+                    Emit&& emit);
   void model(std::string_view piece, EncodeState& st) const;
   void bpe(std::string_view word, std::vector<TokenId>& out) const;
   void emit_symbol(std::uint32_t sym, std::string_view word, std::size_t begin, std::size_t end,
@@ -287,6 +350,8 @@ class TokenizerImpl final : public Tokenizer {
   TokenizerConfigInfo info_;
   bool cleanup_spaces_ = true;
   bool remove_space_ = false;
+  bool lowercase_and_remove_accent_ = false;
+  std::unique_ptr<Regex> marks_;  // \p{M}, for do_lowercase_and_remove_accent
 
   // added tokens
   std::vector<AddedToken> added_;
@@ -306,8 +371,8 @@ class TokenizerImpl final : public Tokenizer {
   // model (BPE)
   StringMap tok_to_id_;  // the reference's model.tokens_to_ids (vocabulary + added tokens)
   StringMap sym_map_;    // model key (raw bytes in byte-level mode) -> symbol
-  std::vector<std::uint8_t> sym_in_vocab_;
-  std::vector<TokenId> sym_out_;
+  std::vector<std::uint8_t> sym_in_vocab_;  // load time only
+  std::vector<TokenId> sym_out_;             // output id of a symbol, kNotInVocab if none
   MergeMap merges_;
   std::array<std::uint32_t, 256> byte_sym_{};
   bool ignore_merges_ = false, byte_fallback_ = false, fuse_unk_ = false;
@@ -355,6 +420,7 @@ TokenizerImpl::TokenizerImpl(std::string_view tokenizer_json, std::string_view c
     cfg = json::object();
   }
   load_config(cfg);
+  if (lowercase_and_remove_accent_) marks_ = std::make_unique<Regex>("\\p{M}");
 
   if (const json* t = member(tj, "truncation")) {
     (void)t;  // encode() never truncates; the reference ignores it too
@@ -362,6 +428,11 @@ TokenizerImpl::TokenizerImpl(std::string_view tokenizer_json, std::string_view c
   if (const json* n = member(tj, "normalizer")) parse_normalizer(*n, "normalizer");
   has_normalizer_ = member(tj, "normalizer") != nullptr;
   if (const json* p = member(tj, "pre_tokenizer")) parse_pre_tokenizer(*p, "pre_tokenizer");
+  // A final ByteLevel without prefix space or regex changes nothing in our raw-byte form.
+  while (!pre_.empty() && pre_.back().kind == PreTokStep::Kind::kByteLevel &&
+         !pre_.back().add_prefix_space && !pre_.back().use_regex) {
+    pre_.pop_back();
+  }
   const json* m = member(tj, "model");
   if (!m) fail("tokenizer.json: no \"model\"");
   parse_model(*m);
@@ -408,9 +479,7 @@ void TokenizerImpl::load_config(const json& cfg) {
   const std::string where = "tokenizer_config.json";
   cleanup_spaces_ = get_bool(cfg, "clean_up_tokenization_spaces", true, where);
   remove_space_ = get_bool(cfg, "remove_space", false, where);
-  if (get_bool(cfg, "do_lowercase_and_remove_accent", false, where)) {
-    fail("tokenizer_config.json: do_lowercase_and_remove_accent is not supported");
-  }
+  lowercase_and_remove_accent_ = get_bool(cfg, "do_lowercase_and_remove_accent", false, where);
   if (const json* extra = member(cfg, "additional_special_tokens")) {
     if (extra->is_array()) {
       // Reference: only plain strings take part in skip_special_tokens.
@@ -437,6 +506,7 @@ void TokenizerImpl::parse_normalizer(const json& n, const std::string& where) {
   }
   if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
     step.kind = NormStep::Kind::kUnicode;
+    unicode::prepare_normalization();
     step.form = type == "NFC"    ? unicode::NormForm::kNFC
                 : type == "NFD"  ? unicode::NormForm::kNFD
                 : type == "NFKC" ? unicode::NormForm::kNFKC
@@ -462,6 +532,8 @@ void TokenizerImpl::parse_normalizer(const json& n, const std::string& where) {
   } else if (type == "StripAccents") {
     step.kind = NormStep::Kind::kStripAccents;
     step.re = std::make_shared<Regex>("\\p{M}");
+  } else if (type == "Lowercase") {
+    step.kind = NormStep::Kind::kLowercase;
   } else {
     fail("tokenizer.json: " + where + ": normalizer type \"" + type + "\" is not supported");
   }
@@ -907,17 +979,14 @@ void TokenizerImpl::finish_load() {
 
   // Output id of every model symbol that is a vocabulary string: added_tokens_map first.
   const ByteLevelAlphabet& bl = byte_level();
+  std::fill(sym_out_.begin(), sym_out_.end(), kNotInVocab);
   for (std::size_t e = 0; e < sym_map_.size(); ++e) {
     const std::uint32_t sym = sym_map_.value_at(e);
     if (!sym_in_vocab_[sym]) continue;
     const std::string token = byte_level_input_ ? bl.encode(sym_map_.key_at(e))
                                                 : std::string(sym_map_.key_at(e));
-    const auto id = final_lookup(token);
-    if (!id) {
-      sym_in_vocab_[sym] = 0;  // cannot happen: every such string is in tokens_to_ids
-      continue;
-    }
-    sym_out_[sym] = *id;
+    // Every such string is in tokens_to_ids, so final_lookup finds it.
+    if (const auto id = final_lookup(token)) sym_out_[sym] = *id;
   }
   if (unk_token_) unk_emit_id_ = final_lookup(*unk_token_);
   for (int b = 0; b < 256; ++b) {
@@ -947,6 +1016,7 @@ void TokenizerImpl::finish_load() {
   id_bytes_arena_.shrink_to_fit();
   tok_to_id_.shrink_to_fit();
   sym_map_.shrink_to_fit();
+  sym_in_vocab_.clear();
   sym_in_vocab_.shrink_to_fit();
   sym_out_.shrink_to_fit();
 }
@@ -1030,6 +1100,14 @@ bool TokenizerImpl::normalize(std::string_view in, std::string& out) const {
         cur = s.content + std::string(current());
         changed = true;
         break;
+      case NormStep::Kind::kLowercase: {
+        std::string r = js_to_lower(current());
+        if (r != current()) {
+          cur = std::move(r);
+          changed = true;
+        }
+        break;
+      }
     }
   }
   if (changed) out = std::move(cur);
@@ -1071,6 +1149,11 @@ std::vector<TokenId> TokenizerImpl::encode(std::string_view text, bool add_speci
         in_space = false;
         prepared.append(trimmed, at, i - at);
       }
+      section = prepared;
+    }
+    if (lowercase_and_remove_accent_) {
+      // lowercase_and_remove_accents: toLowerCase, then every \p{M} removed.
+      prepared = js_replace_all(*marks_, js_to_lower(section), "", st.scratch);
       section = prepared;
     }
     if (has_normalizer_ && normalize(section, normalized)) section = normalized;
@@ -1156,55 +1239,61 @@ void TokenizerImpl::pre_tokenize(std::size_t step, std::string_view piece, bool 
       break;
   }
 
-  // Splitting steps. After ByteLevel they see the byte-level string; we keep raw bytes, so
-  // match on the byte-level form and map the pieces back (one character per byte).
-  std::string bl_text;
-  std::vector<std::uint32_t> bl_to_raw;
-  std::string_view text = piece;
+  // Splitting steps.
   if (bl_view) {
+    // After ByteLevel the steps see the byte-level string; we keep raw bytes, so match on the
+    // byte-level form and map the pieces back (one character per byte).
     const ByteLevelAlphabet& bl = byte_level();
-    bl_to_raw.assign(piece.size() * 2 + 1, 0);
+    std::string bl_text;
+    std::vector<std::uint32_t> bl_to_raw(piece.size() * 2 + 1, 0);
     for (std::size_t k = 0; k < piece.size(); ++k) {
       bl_to_raw[bl_text.size()] = static_cast<std::uint32_t>(k);
       bl_text += bl.byte_to_utf8[static_cast<unsigned char>(piece[k])];
     }
     bl_to_raw[bl_text.size()] = static_cast<std::uint32_t>(piece.size());
-    text = bl_text;
-  }
-  auto emit = [&](std::size_t b, std::size_t e) {
-    if (e <= b) return;
-    if (bl_view) {
+    split(s, bl_text, st.scratch, [&](std::size_t b, std::size_t e) {
       const std::size_t rb = bl_to_raw[b], re = bl_to_raw[e];
       pre_tokenize(step + 1, piece.substr(rb, re - rb), true, section_index, st);
-    } else {
-      pre_tokenize(step + 1, piece.substr(b, e - b), false, section_index, st);
-    }
+    });
+    return;
+  }
+  split(s, piece, st.scratch, [&](std::size_t b, std::size_t e) {
+    pre_tokenize(step + 1, piece.substr(b, e - b), false, section_index, st);
+  });
+}
+
+// The pieces (non-empty [begin, end) ranges of `text`, in order) of a splitting step.
+template <typename Emit>
+void TokenizerImpl::split(const PreTokStep& s, std::string_view text, MatchScratch& scratch,
+                          Emit&& emit) {
+  auto piece = [&](std::size_t b, std::size_t e) {
+    if (e > b) emit(b, e);
   };
   if (s.trim) {
     const std::string_view t = unicode::js_trim_end(unicode::js_trim_start(text));
     const std::size_t off = static_cast<std::size_t>(t.data() - text.data());
-    for_each_match(*s.re, t, st.scratch, [&](const Span& m) { emit(off + m.begin, off + m.end); });
+    for_each_match(*s.re, t, scratch, [&](const Span& m) { piece(off + m.begin, off + m.end); });
     return;
   }
   switch (s.kind) {
     case PreTokStep::Kind::kMatches:
-      for_each_match(*s.re, text, st.scratch, [&](const Span& m) { emit(m.begin, m.end); });
+      for_each_match(*s.re, text, scratch, [&](const Span& m) { piece(m.begin, m.end); });
       return;
     case PreTokStep::Kind::kIsolated: {
       std::size_t prev = 0;
-      for_each_match(*s.re, text, st.scratch, [&](const Span& m) {
-        emit(prev, m.begin);
-        emit(m.begin, m.end);
+      for_each_match(*s.re, text, scratch, [&](const Span& m) {
+        piece(prev, m.begin);
+        piece(m.begin, m.end);
         prev = m.end;
       });
-      emit(prev, text.size());
+      piece(prev, text.size());
       return;
     }
     case PreTokStep::Kind::kRemoved: {
       // text.split(pattern).filter(x => x): includes the texts of capture groups.
-      const std::vector<Span> parts = js_split(*s.re, text, st.scratch);
+      const std::vector<Span> parts = js_split(*s.re, text, scratch);
       for (const Span& sp : parts) {
-        if (sp.valid()) emit(sp.begin, sp.end);
+        if (sp.valid()) piece(sp.begin, sp.end);
       }
       return;
     }
@@ -1225,17 +1314,11 @@ void TokenizerImpl::emit_model_id(TokenId id, EncodeState& st) const {
 
 void TokenizerImpl::model(std::string_view piece, EncodeState& st) const {
   if (piece.empty()) return;
-  if (ignore_merges_) {
-    if (const std::uint32_t* sym = sym_map_.find(piece); sym && sym_in_vocab_[*sym]) {
-      emit_model_id(sym_out_[*sym], st);
-      return;
-    }
-  }
   // One byte (byte-level) needs no merging and no cache.
   if (byte_level_input_ && piece.size() == 1 && end_of_word_suffix_.empty()) {
-    const std::uint32_t sym = byte_sym_[static_cast<unsigned char>(piece[0])];
-    if (sym_in_vocab_[sym]) {
-      emit_model_id(sym_out_[sym], st);
+    const TokenId id = sym_out_[byte_sym_[static_cast<unsigned char>(piece[0])]];
+    if (id != kNotInVocab) {
+      emit_model_id(id, st);
       return;
     }
   }
@@ -1243,7 +1326,13 @@ void TokenizerImpl::model(std::string_view piece, EncodeState& st) const {
   const std::uint64_t h = cacheable ? hash_bytes(piece) : 0;
   const std::size_t at = st.out.size();
   if (!(cacheable && cache_.lookup(h, piece, st.out))) {
-    bpe(piece, st.out);
+    const std::uint32_t* sym = ignore_merges_ ? sym_map_.find(piece) : nullptr;
+    if (sym && sym_out_[*sym] != kNotInVocab) {
+      // ignore_merges: a word that is a token is that token.
+      st.out.push_back(sym_out_[*sym]);
+    } else {
+      bpe(piece, st.out);
+    }
     if (cacheable) {
       cache_.insert(h, piece, std::span<const TokenId>(st.out.data() + at, st.out.size() - at));
     }
@@ -1259,7 +1348,7 @@ void TokenizerImpl::model(std::string_view piece, EncodeState& st) const {
 // One symbol of a finished word: its id, or byte fallback / unk for strings outside the vocab.
 void TokenizerImpl::emit_symbol(std::uint32_t sym, std::string_view word, std::size_t begin,
                                 std::size_t end, std::vector<TokenId>& out) const {
-  if (sym != kNoSym && sym_in_vocab_[sym]) {
+  if (sym != kNoSym && sym_out_[sym] != kNotInVocab) {
     out.push_back(sym_out_[sym]);
     return;
   }
@@ -1271,7 +1360,9 @@ void TokenizerImpl::emit_symbol(std::uint32_t sym, std::string_view word, std::s
     bool all = true;
     for (char c : t) all = all && fallback_ids_[static_cast<unsigned char>(c)] >= 0;
     if (all) {
-      for (char c : t) out.push_back(static_cast<TokenId>(fallback_ids_[static_cast<unsigned char>(c)]));
+      for (char c : t) {
+        out.push_back(static_cast<TokenId>(fallback_ids_[static_cast<unsigned char>(c)]));
+      }
       return;
     }
   }
@@ -1290,24 +1381,38 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<TokenId>& out) const 
     std::uint32_t begin;
     std::uint32_t end;
   };
-  std::vector<Sym> syms;
-  syms.reserve(byte_level_input_ ? word.size() : word.size());
+  constexpr std::size_t kSmall = 64;
+  // Symbols of the word: one per byte (byte-level) or per character.
+  std::size_t n = 0;
   if (byte_level_input_) {
-    for (std::size_t i = 0; i < word.size(); ++i) {
-      syms.push_back({byte_sym_[static_cast<unsigned char>(word[i])], static_cast<std::uint32_t>(i),
-                      static_cast<std::uint32_t>(i + 1)});
+    n = word.size();
+  } else {
+    for (std::size_t i = 0; i < word.size(); i += unicode::cp_len(static_cast<unsigned char>(word[i]))) ++n;
+  }
+  std::array<Sym, kSmall> small;
+  std::vector<Sym> large;
+  Sym* syms = small.data();
+  if (n > kSmall) {
+    large.resize(n);
+    syms = large.data();
+  }
+  if (byte_level_input_) {
+    for (std::size_t i = 0; i < n; ++i) {
+      syms[i] = {byte_sym_[static_cast<unsigned char>(word[i])], static_cast<std::uint32_t>(i),
+                 static_cast<std::uint32_t>(i + 1)};
     }
   } else {
+    std::size_t k = 0;
     for (std::size_t i = 0; i < word.size();) {
       const std::size_t b = i;
       i += unicode::cp_len(static_cast<unsigned char>(word[i]));
       const std::uint32_t* s = sym_map_.find(word.substr(b, i - b));
-      syms.push_back({s ? *s : kNoSym, static_cast<std::uint32_t>(b), static_cast<std::uint32_t>(i)});
+      syms[k++] = {s ? *s : kNoSym, static_cast<std::uint32_t>(b), static_cast<std::uint32_t>(i)};
     }
   }
   if (!end_of_word_suffix_.empty()) {
     // The last character carries the suffix.
-    Sym& last = syms.back();
+    Sym& last = syms[n - 1];
     std::string key(word.substr(last.begin, last.end - last.begin));
     key += byte_level_input_ ? byte_level().decode(end_of_word_suffix_).value_or("\xFF\xFF")
                              : end_of_word_suffix_;
@@ -1321,10 +1426,13 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<TokenId>& out) const 
     merged = v->merged;
     return v->rank;
   };
-  std::size_t n = syms.size();
-  if (n <= 64) {
-    // Small word: repeatedly merge the lowest-ranked pair, leftmost first.
-    std::array<std::uint32_t, 64> ranks{}, merged{};
+  if (n <= kSmall) {
+    // Small word: repeatedly merge the lowest-ranked pair, leftmost first (the reference's
+    // order: rank, then position).
+    std::array<std::uint32_t, kSmall> ranks, merged;
+    for (std::size_t i = 0; i + 1 < n; ++i) {
+      if (syms[i].sym != kNoSym && syms[i + 1].sym != kNoSym) merges_.prefetch(syms[i].sym, syms[i + 1].sym);
+    }
     for (std::size_t i = 0; i + 1 < n; ++i) ranks[i] = rank_of(syms[i].sym, syms[i + 1].sym, merged[i]);
     while (n > 1) {
       std::size_t best = 0;
@@ -1338,8 +1446,8 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<TokenId>& out) const 
       if (best_rank == kNoSym) break;
       syms[best].sym = merged[best];
       syms[best].end = syms[best + 1].end;
-      syms.erase(syms.begin() + static_cast<std::ptrdiff_t>(best) + 1);
-      for (std::size_t i = best + 1; i + 1 < n; ++i) {
+      for (std::size_t i = best + 1; i + 1 < n; ++i) syms[i] = syms[i + 1];
+      for (std::size_t i = best + 1; i + 2 < n; ++i) {
         ranks[i] = ranks[i + 1];
         merged[i] = merged[i + 1];
       }
@@ -1347,7 +1455,7 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<TokenId>& out) const 
       if (best + 1 < n) ranks[best] = rank_of(syms[best].sym, syms[best + 1].sym, merged[best]);
       if (best > 0) ranks[best - 1] = rank_of(syms[best - 1].sym, syms[best].sym, merged[best - 1]);
     }
-    for (const Sym& s : syms) emit_symbol(s.sym, word, s.begin, s.end, out);
+    for (std::size_t i = 0; i < n; ++i) emit_symbol(syms[i].sym, word, syms[i].begin, syms[i].end, out);
     return;
   }
   // Long word: a heap of (rank, position) over a linked list, O(n log n).
@@ -1374,7 +1482,9 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<TokenId>& out) const 
     const std::uint32_t rk = rank_of(nodes[l].sym, nodes[r].sym, m);
     if (rk != kNoSym) heap.push({rk, static_cast<std::uint32_t>(l), static_cast<std::uint32_t>(r)});
   };
-  for (std::size_t i = 0; i + 1 < n; ++i) push(static_cast<std::int32_t>(i), static_cast<std::int32_t>(i + 1));
+  for (std::size_t i = 0; i + 1 < n; ++i) {
+    push(static_cast<std::int32_t>(i), static_cast<std::int32_t>(i + 1));
+  }
   while (!heap.empty()) {
     const Cand c = heap.top();
     heap.pop();
@@ -1647,7 +1757,13 @@ std::size_t TokenizerImpl::memory_bytes() const {
 
 std::unique_ptr<Tokenizer> Tokenizer::load_json(std::string_view tokenizer_json,
                                                 std::string_view config_json) {
-  return std::make_unique<tokenizer_detail::TokenizerImpl>(tokenizer_json, config_json);
+  auto tok = std::make_unique<tokenizer_detail::TokenizerImpl>(tokenizer_json, config_json);
+#if defined(__GLIBC__)
+  // The parsed JSON (several times the file's size) is gone: give its pages back to the system
+  // instead of leaving them in malloc's free lists.
+  malloc_trim(0);
+#endif
+  return tok;
 }
 
 std::unique_ptr<Tokenizer> Tokenizer::load_dir(const std::string& dir) {

@@ -17,7 +17,9 @@ namespace omni::tokenizer_detail {
 namespace {
 
 [[noreturn]] void regex_error(const std::string& what, std::string_view pattern) {
-  std::string p(pattern.substr(0, 200));
+  std::size_t cut = std::min<std::size_t>(pattern.size(), 200);
+  while (cut < pattern.size() && (static_cast<unsigned char>(pattern[cut]) & 0xC0) == 0x80) ++cut;
+  std::string p(pattern.substr(0, cut));
   throw TokenizerError("regex: " + what + " in pattern \"" + p + "\"");
 }
 
@@ -1246,7 +1248,9 @@ class JsTranslator {
         out_ += (negated ? "[^" : "[") + simple + "]";
       }
     } else {
-      std::string positive = "(?:";
+      // Each alternative matches exactly one character, so the union can be atomic: without
+      // that, a quantified union backtracks exponentially through equivalent alternatives.
+      std::string positive = "(?>";
       bool first = true;
       if (!simple.empty()) {
         positive += "[" + simple + "]";

@@ -5,6 +5,19 @@
 // JavaScript's semantics (what \s, \d, \w, \b, ., $, \p{..} match under the `u` flag), and run
 // it with PCRE2's JIT. The JavaScript-level global-match loops (matchAll, split, replaceAll)
 // are reproduced on top, including how they step over empty matches.
+//
+// Where PCRE2 and JavaScript still differ (none of it occurs in the patterns tokenizers ship;
+// found by comparing random patterns and texts against node):
+//   - lookbehind must have a bounded length in PCRE2 (JavaScript allows any): such a pattern is
+//     refused at load time (TokenizerError);
+//   - a quantified group that can match the empty string: JavaScript rejects an empty
+//     iteration and tries the group's other alternatives, PCRE2 ends the loop;
+//   - a backreference inside the group it refers to: JavaScript matches it as empty;
+//   - node's irregexp can report a zero-width match (e.g. of $ or (?!..)) in the middle of a
+//     surrogate pair, i.e. inside a character; we never split a character.
+// Unicode properties are node's (Unicode 17) for General_Category values and the binary
+// properties listed in tokenizer_regex.cpp; Script / Script_Extensions use PCRE2's Unicode 14
+// tables (no tokenizer we know of uses them).
 #pragma once
 
 #include <cstddef>

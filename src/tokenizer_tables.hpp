@@ -154,6 +154,10 @@ class MergeMap {
     }
   }
 
+  void prefetch(std::uint32_t a, std::uint32_t b) const {
+    __builtin_prefetch(&slots_[slot_of((std::uint64_t{a} << 32) | b)]);
+  }
+
   // Sets (overwrites) the value of (a, b).
   void set(std::uint32_t a, std::uint32_t b, Value v) {
     if ((size_ + 1) * 3 > slots_.size() * 2) rehash(slots_.size() * 2);

@@ -376,6 +376,8 @@ bool has_patched(const NormData& d, std::string_view s) {
 
 }  // namespace
 
+void prepare_normalization() { norm_data(); }
+
 bool normalize(NormForm form, std::string_view in, std::string& out) {
   if (all_ascii(in)) return false;  // ASCII is invariant under all four forms
   const NormData& d = norm_data();

@@ -91,6 +91,17 @@ PropertyTable::PropertyTable() {
   stage2_.shrink_to_fit();
 }
 
+char32_t simple_lower(char32_t cp) {
+  static const std::unordered_map<char32_t, char32_t> patch = [] {
+    std::unordered_map<char32_t, char32_t> m;
+    for (const LowerPatch& p : lower_patch()) m.emplace(p.from, p.to);
+    return m;
+  }();
+  if (cp < 0x80) return cp >= 'A' && cp <= 'Z' ? cp + 32 : cp;
+  if (auto it = patch.find(cp); it != patch.end()) return it->second;
+  return static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp)));
+}
+
 const PropertyTable& PropertyTable::get() {
   static const PropertyTable table;
   return table;

@@ -18,6 +18,8 @@
 //      combining class (found by canonical reordering against marks of every known class)
 //      against utf8proc_decompose_char(UTF8PROC_DECOMPOSE) / utf8proc_get_property(): the
 //      kCccPatch / kDecompPatch tables.
+//   4. for every code point, node's String.prototype.toLowerCase() against utf8proc_tolower():
+//      kLowerPatch.
 // Regenerate all of them when node (ICU) or the Debian PCRE2/utf8proc packages change.
 #include "unicode_tables.hpp"
 
@@ -676,6 +678,21 @@ constexpr GcPatch kGcPatch[] = {
     {0x1FAE9, 0x1FAEA, 22}, {0x1FAEF, 0x1FAEF, 22}, {0x1FBCB, 0x1FBEF, 22}, {0x1FBFA, 0x1FBFA, 22},
     {0x2B73A, 0x2B73F, 5}, {0x2CEA2, 0x2CEAD, 5}, {0x2EBF0, 0x2EE5D, 5}, {0x323B0, 0x33479, 5}};
 
+// Simple lowercase mappings where node's String.prototype.toLowerCase differs from
+// utf8proc_tolower (besides U+0130, whose full mapping is two characters).
+constexpr LowerPatch kLowerPatch[] = {
+    {0x1C89, 0x1C8A}, {0xA7CB, 0x264}, {0xA7CC, 0xA7CD}, {0xA7CE, 0xA7CF}, {0xA7D2, 0xA7D3},
+    {0xA7D4, 0xA7D5}, {0xA7DA, 0xA7DB}, {0xA7DC, 0x19B}, {0x10D50, 0x10D70}, {0x10D51, 0x10D71},
+    {0x10D52, 0x10D72}, {0x10D53, 0x10D73}, {0x10D54, 0x10D74}, {0x10D55, 0x10D75}, {0x10D56, 0x10D76},
+    {0x10D57, 0x10D77}, {0x10D58, 0x10D78}, {0x10D59, 0x10D79}, {0x10D5A, 0x10D7A}, {0x10D5B, 0x10D7B},
+    {0x10D5C, 0x10D7C}, {0x10D5D, 0x10D7D}, {0x10D5E, 0x10D7E}, {0x10D5F, 0x10D7F}, {0x10D60, 0x10D80},
+    {0x10D61, 0x10D81}, {0x10D62, 0x10D82}, {0x10D63, 0x10D83}, {0x10D64, 0x10D84}, {0x10D65, 0x10D85},
+    {0x16EA0, 0x16EBB}, {0x16EA1, 0x16EBC}, {0x16EA2, 0x16EBD}, {0x16EA3, 0x16EBE}, {0x16EA4, 0x16EBF},
+    {0x16EA5, 0x16EC0}, {0x16EA6, 0x16EC1}, {0x16EA7, 0x16EC2}, {0x16EA8, 0x16EC3}, {0x16EA9, 0x16EC4},
+    {0x16EAA, 0x16EC5}, {0x16EAB, 0x16EC6}, {0x16EAC, 0x16EC7}, {0x16EAD, 0x16EC8}, {0x16EAE, 0x16EC9},
+    {0x16EAF, 0x16ECA}, {0x16EB0, 0x16ECB}, {0x16EB1, 0x16ECC}, {0x16EB2, 0x16ECD}, {0x16EB3, 0x16ECE},
+    {0x16EB4, 0x16ECF}, {0x16EB5, 0x16ED0}, {0x16EB6, 0x16ED1}, {0x16EB7, 0x16ED2}, {0x16EB8, 0x16ED3}};
+
 
 // Canonical combining classes of marks that utf8proc 2.8 (Unicode 15.0) does not know.
 constexpr CccPatch kCccPatch[] = {
@@ -712,5 +729,6 @@ const PropertyDelta* property_delta(std::string_view name) {
 std::span<const CccPatch> ccc_patch() { return kCccPatch; }
 std::span<const DecompPatch> decomp_patch() { return kDecompPatch; }
 std::span<const GcPatch> gc_patch() { return kGcPatch; }
+std::span<const LowerPatch> lower_patch() { return kLowerPatch; }
 
 }  // namespace omni::unicode

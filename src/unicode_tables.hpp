@@ -48,6 +48,16 @@ struct GcPatch {
 };
 std::span<const GcPatch> gc_patch();
 
+// Simple lowercase mappings (utf8proc_tolower) where node's toLowerCase differs.
+struct LowerPatch {
+  char32_t from;
+  char32_t to;
+};
+std::span<const LowerPatch> lower_patch();
+// The simple lowercase mapping of cp as node has it (not U+0130 nor U+03A3: those depend on
+// the full mapping / the context, see the Lowercase normalizer).
+char32_t simple_lower(char32_t cp);
+
 // ---- character properties as the reference sees them (Unicode 17) ----------------------------
 
 enum : std::uint8_t {
@@ -155,5 +165,8 @@ enum class NormForm { kNFC, kNFD, kNFKC, kNFKD };
 // Normalizes valid UTF-8 like String.prototype.normalize. Returns false and leaves `out`
 // alone when the text is already in that form (the common case, found without allocating).
 bool normalize(NormForm form, std::string_view in, std::string& out);
+// Builds the normalization tables now (once per process) rather than on the first text that
+// needs them.
+void prepare_normalization();
 
 }  // namespace omni::unicode

@@ -549,6 +549,28 @@ TEST(TokenizerSynthetic, ConfigFile) {
   EXPECT_EQ(tok->config().named_templates[1].first, "tool_use");
 }
 
+// Lowercase is String.prototype.toLowerCase: U+0130 becomes two characters, capital sigma is
+// final only after a cased letter and before none (an apostrophe is case-ignorable).
+TEST(TokenizerSynthetic, LowercaseLikeJavaScript) {
+  json vocab = {{"<unk>", 0}};
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    vocab[name] = b + 1;  // every character falls back to its UTF-8 bytes: id = byte + 1
+  }
+  const json tj = tokenizer(bpe(vocab, json::array(), {{"unk_token", "<unk>"}, {"byte_fallback", true}}),
+                            {{"normalizer", {{"type", "Lowercase"}}}});
+  auto tok = Tokenizer::load_json(tj.dump(), "");
+  auto bytes_of = [](const Ids& ids) {
+    std::string s;
+    for (TokenId id : ids) s.push_back(static_cast<char>(id - 1));
+    return s;
+  };
+  EXPECT_EQ(bytes_of(tok->encode("ΟΔΟΣ Σ ΑΣ'Α İx", false)), "οδος σ ασ'α i\u0307x");
+  EXPECT_EQ(bytes_of(tok->encode("ΑΣ.", false)), "ας.");
+  EXPECT_EQ(bytes_of(tok->encode("\U00010D50", false)), "\U00010D70");  // Garay (Unicode 16)
+}
+
 // ---- what is refused at load time -----------------------------------------------------------
 
 void expect_load_error(const json& tj, const std::string& needle) {
