@@ -20,6 +20,8 @@
 //      kCccPatch / kDecompPatch tables.
 //   4. for every code point, node's String.prototype.toLowerCase() against utf8proc_tolower():
 //      kLowerPatch.
+//   5. for every code point, node's normalize("NFKD") against the result with utf8proc:
+//      kCompatPatch.
 // Regenerate all of them when node (ICU) or the Debian PCRE2/utf8proc packages change.
 #include "unicode_tables.hpp"
 
@@ -678,6 +680,17 @@ constexpr GcPatch kGcPatch[] = {
     {0x1FAE9, 0x1FAEA, 22}, {0x1FAEF, 0x1FAEF, 22}, {0x1FBCB, 0x1FBEF, 22}, {0x1FBFA, 0x1FBFA, 22},
     {0x2B73A, 0x2B73F, 5}, {0x2CEA2, 0x2CEAD, 5}, {0x2EBF0, 0x2EE5D, 5}, {0x323B0, 0x33479, 5}};
 
+// Compatibility decompositions (to one character) that utf8proc 2.8 does not know.
+constexpr LowerPatch kCompatPatch[] = {
+    {0xA7F1, 0x53}, {0x1CCD6, 0x41}, {0x1CCD7, 0x42}, {0x1CCD8, 0x43}, {0x1CCD9, 0x44},
+    {0x1CCDA, 0x45}, {0x1CCDB, 0x46}, {0x1CCDC, 0x47}, {0x1CCDD, 0x48}, {0x1CCDE, 0x49},
+    {0x1CCDF, 0x4A}, {0x1CCE0, 0x4B}, {0x1CCE1, 0x4C}, {0x1CCE2, 0x4D}, {0x1CCE3, 0x4E},
+    {0x1CCE4, 0x4F}, {0x1CCE5, 0x50}, {0x1CCE6, 0x51}, {0x1CCE7, 0x52}, {0x1CCE8, 0x53},
+    {0x1CCE9, 0x54}, {0x1CCEA, 0x55}, {0x1CCEB, 0x56}, {0x1CCEC, 0x57}, {0x1CCED, 0x58},
+    {0x1CCEE, 0x59}, {0x1CCEF, 0x5A}, {0x1CCF0, 0x30}, {0x1CCF1, 0x31}, {0x1CCF2, 0x32},
+    {0x1CCF3, 0x33}, {0x1CCF4, 0x34}, {0x1CCF5, 0x35}, {0x1CCF6, 0x36}, {0x1CCF7, 0x37},
+    {0x1CCF8, 0x38}, {0x1CCF9, 0x39}};
+
 // Simple lowercase mappings where node's String.prototype.toLowerCase differs from
 // utf8proc_tolower (besides U+0130, whose full mapping is two characters).
 constexpr LowerPatch kLowerPatch[] = {
@@ -730,5 +743,6 @@ std::span<const CccPatch> ccc_patch() { return kCccPatch; }
 std::span<const DecompPatch> decomp_patch() { return kDecompPatch; }
 std::span<const GcPatch> gc_patch() { return kGcPatch; }
 std::span<const LowerPatch> lower_patch() { return kLowerPatch; }
+std::span<const LowerPatch> compat_patch() { return kCompatPatch; }
 
 }  // namespace omni::unicode

@@ -54,6 +54,8 @@ struct LowerPatch {
   char32_t to;
 };
 std::span<const LowerPatch> lower_patch();
+// Compatibility decompositions (NFKC/NFKD) to one character that utf8proc does not know.
+std::span<const LowerPatch> compat_patch();
 // The simple lowercase mapping of cp as node has it (not U+0130 nor U+03A3: those depend on
 // the full mapping / the context, see the Lowercase normalizer).
 char32_t simple_lower(char32_t cp);
