@@ -1124,6 +1124,10 @@ enum class Filter : std::uint8_t {
   Safe, Tojson, List, First, Last, Length, Reverse, Sort, Join, String, Unique, Upper, Lower,
   Title, Capitalize, Trim, Indent, Int, Float, Abs, Items, Bool, Default, Selectattr,
   Rejectattr, Map, Replace, Get, Keys, Values, Dictsort,
+  // Known to Jinja2 but not to the reference: accepted at parse time because official templates
+  // use them in optional branches (Llama 3.x: builtin_tools | reject(...)); rendering one fails
+  // as in the reference ("Unknown ArrayValue filter: reject").
+  Select, Reject,
 };
 constexpr std::pair<std::string_view, Filter> kFilters[] = {
     {"safe", Filter::Safe},       {"tojson", Filter::Tojson},       {"list", Filter::List},
@@ -1136,7 +1140,7 @@ constexpr std::pair<std::string_view, Filter> kFilters[] = {
     {"bool", Filter::Bool},       {"default", Filter::Default},     {"selectattr", Filter::Selectattr},
     {"rejectattr", Filter::Rejectattr}, {"map", Filter::Map},       {"replace", Filter::Replace},
     {"get", Filter::Get},         {"keys", Filter::Keys},           {"values", Filter::Values},
-    {"dictsort", Filter::Dictsort},
+    {"dictsort", Filter::Dictsort}, {"select", Filter::Select}, {"reject", Filter::Reject},
 };
 
 enum class Test : std::uint8_t {
@@ -2927,6 +2931,7 @@ class Renderer {
   Flow exec_set(const Node& n, Env& env) {
     Value rhs;
     const Node& target = *n.a;
+    if (n.b && try_append_in_place(n, env)) return Flow::Normal;
     if (n.b) {
       rhs = target.kind == NK::TupleLit ? eval(*n.b, env) : plain(eval_raw(*n.b, env));
     } else {
@@ -3108,23 +3113,94 @@ class Renderer {
     std::string* buf = sink ? sink : &local;
     const std::size_t start = buf->size();
     buf->append(acc.s);
-    while (i > 0) {
-      const Node* op = chain[--i];
-      Value right = eval(*op->b, env);
-      if (op->op == Op::Sub || right.is_undef() || right.is_none()) {
-        // Not a concatenation: let binary() raise the reference's error.
-        Value left = make_str(buf->substr(start));
-        binary(op->op, left, right);
-        fail("unexpected operand");
-      }
-      append_raw(*buf, right);
-      check_size(*buf);
-    }
+    append_chain_rest(chain, i, env, *buf);
     if (sink) {
       charge(buf->size() - start);
       return Value{};  // already printed
     }
     return make_str(std::move(local));
+  }
+
+  // Appends the right operands chain[i-1] ... chain[0] to `buf`, whose text is the string the
+  // chain has built so far.
+  void append_chain_rest(const Node* const* chain, std::size_t i, Env& env, std::string& buf) {
+    while (i > 0) {
+      const Node* op = chain[--i];
+      Value right = eval(*op->b, env);
+      if (op->op == Op::Sub || right.is_undef() || right.is_none()) {
+        // Not a concatenation: binary() raises the reference's error (the left side is a string).
+        binary(op->op, make_str_view(""), right);
+        fail("unexpected operand");
+      }
+      append_raw(buf, right);
+      check_size(buf);
+    }
+  }
+
+  // {% set x = x + ... %} and {% set ns.x = ns.x + ... %} on a string nobody else holds: append
+  // in place (linear, as the reference's string ropes are) instead of copying the string each
+  // time. Returns false when the pattern does not apply (the caller then evaluates normally).
+  bool try_append_in_place(const Node& n, Env& env) {
+    const Node& target = *n.a;
+    const Node* rhs = n.b.get();
+    if (!rhs || rhs->kind != NK::Binary || (rhs->op != Op::Add && rhs->op != Op::Concat)) return false;
+    const Node* chain[64];
+    std::size_t len = 0;
+    const Node* cur = rhs;
+    while (cur->kind == NK::Binary && (cur->op == Op::Add || cur->op == Op::Concat || cur->op == Op::Sub) &&
+           len < 63) {
+      chain[len++] = cur;
+      cur = cur->a.get();
+    }
+    Value* slot = nullptr;
+    Value holder;  // keeps the namespace alive
+    if (target.kind == NK::Ident) {
+      if (cur->kind != NK::Ident || cur->id != target.id) return false;
+      for (auto& kv : env.vars) {
+        if (kv.first == target.id) slot = &kv.second;
+      }
+    } else if (target.kind == NK::Member && !target.flag && target.b->kind == NK::Ident &&
+               target.a->kind == NK::Ident) {
+      if (cur->kind != NK::Member || cur->flag || cur->b->kind != NK::Ident || cur->b->str != target.b->str ||
+          cur->a->kind != NK::Ident || cur->a->id != target.a->id) {
+        return false;
+      }
+      const Value* ns = env.lookup(target.a->id);
+      if (!ns || ns->k != VK::Ns) return false;
+      holder = *ns;
+      slot = holder.obj().find(target.b->str);
+    } else {
+      return false;
+    }
+    if (!slot || !slot->is_str() || !slot->h) return false;
+    const Value old = *slot;
+    auto* so = static_cast<StrObj*>(old.h.get());
+    if (old.s.data() != so->s.data() || old.s.size() != so->s.size()) return false;
+    std::string suffix;
+    append_chain_rest(chain, len, env, suffix);
+    // Still the same string, held only by its variable and `old`: nobody can see it change.
+    Value* now = target.kind == NK::Ident ? nullptr : holder.obj().find(target.b->str);
+    if (target.kind == NK::Ident) {
+      for (auto& kv : env.vars) {
+        if (kv.first == target.id) now = &kv.second;
+      }
+    }
+    if (now && now->h.get() == so && so->rc == 2 && now->s.data() == so->s.data()) {
+      so->s.append(suffix);
+      check_size(so->s);
+      charge(suffix.size());
+      now->s = so->s;
+      return true;
+    }
+    std::string joined(old.s);
+    joined += suffix;
+    Value result = make_str(std::move(joined));
+    if (target.kind == NK::Ident) {
+      env.set(target.id, std::move(result));
+    } else {
+      holder.obj().set(Key{target.b->str, {}}, std::move(result));
+    }
+    return true;
   }
 
   static bool loose_equal(const Value& a, const Value& b) {

@@ -6,6 +6,25 @@
 // support (an unknown statement, filter, test, global function or method) is a TemplateError
 // from parse(), naming the construct and its line, never a silent difference at render time.
 //
+// Supported (everything the reference supports):
+//  - statements: if/elif/else, for (with `if` filter, else, tuple unpacking, loop.index,
+//    index0, revindex, revindex0, first, last, length, previtem, nextitem), break, continue,
+//    set (name, tuple, namespace attribute, {% set x %}...{% endset %}), macro (defaults,
+//    kwargs, varargs, recursion), call blocks with caller(), filter blocks, comments;
+//  - expressions: literals (numbers, strings with escapes, lists, tuples, dicts), attribute
+//    and subscript access, slices with any step, calls with keyword, *args and **kwargs,
+//    + - * / // % ** ~, comparisons, in / not in, and / or / not, `a if c else b`, `is` tests;
+//  - filters: safe tojson(indent, ensure_ascii, sort_keys, separators) list first last length
+//    reverse sort(reverse, case_sensitive, attribute) join string unique upper lower title
+//    capitalize trim indent(width, first, blank) int float abs items bool default(value,
+//    boolean) selectattr rejectattr map(attribute, default) replace get keys values dictsort;
+//  - tests: defined undefined none string number integer boolean true false iterable mapping
+//    sequence callable odd even lower upper eq equalto (with selectattr/rejectattr);
+//  - methods: strings upper lower strip lstrip rstrip title capitalize startswith endswith
+//    split replace (and .length); mappings get items keys values dictsort;
+//  - globals: namespace(), range(), raise_exception(), strftime_now(), true/false/none (also
+//    True/False/None).
+//
 // Semantics are the reference's, not Python Jinja2's, where the two differ. The ones that
 // matter to template authors:
 //  - Templates are preprocessed as the reference does: one trailing newline is dropped,
@@ -26,10 +45,24 @@
 //  - strftime_now(fmt) knows %Y %m %d %b %B %H %M %% (English month names) and formats in
 //    UTC; other directives are copied as is.
 //
-// Where the reference throws at render time, render() throws RenderError. Where the
-// reference would produce JavaScript artefacts (printing a macro prints its JavaScript
-// source, a raw `[] | first` result, keyword arguments passed to functions that take none),
-// render() throws RenderError instead.
+// Where the reference throws at render time, render() throws RenderError, with the reference's
+// message for the errors templates meet (raise_exception's message exactly; "Cannot perform
+// operation on null values" and the like). Known differences, none of which the official
+// DeepSeek-V3, Qwen3 and Llama-3.1 templates can reach:
+//  - unknown filters, tests, functions and methods are TemplateErrors at parse time, even in
+//    a branch that never runs (the reference fails only when it runs them);
+//  - printing a function or macro (`{{ m }}`, `{{ d.items }}`): the reference prints its
+//    JavaScript source, we throw RenderError;
+//  - JavaScript artefacts we refuse instead of imitating: keyword arguments to range(),
+//    strftime_now() or get() (the reference passes a Map object), non-numeric range()
+//    arguments, `[] | first` / `[] | last` used as a filter argument or list item (stored with
+//    set, as a mapping value or macro argument it is undefined, as in the reference);
+//  - a JavaScript lone surrogate (indexing into half of a character outside the BMP) comes out
+//    as its 3-byte WTF-8 form, as UTF-8 cannot carry it;
+//  - tojson(sort_keys=true) orders ASCII keys as the reference's localeCompare does (ICU root
+//    collation); keys with other characters sort after them by code point;
+//  - error messages for the reference's own TypeErrors are worded differently;
+//  - the bounds below (the reference has none, or overflows its stack).
 //
 // Bounds (a hostile template or input cannot hang the caller or exhaust its stack):
 //  - template nesting (parentheses, blocks, expressions) deeper than 128 levels: TemplateError;
@@ -38,7 +71,8 @@
 //  - output, and any single string built while rendering, larger than 64 MiB: RenderError;
 //  - more than 2,000,000 loop iterations and macro calls in one render: RenderError;
 //  - range() producing more than 1,000,000 items: RenderError;
-//  - more than 1 GiB of strings and array items built in one render: RenderError.
+//  - more than 512 MiB of strings and array items built in one render: RenderError.
+// At these bounds rendering needs less than 384 KiB of stack (optimized build).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -79,7 +113,7 @@ struct Limits {
   static constexpr std::size_t kMaxOutputBytes = std::size_t{64} << 20;
   static constexpr unsigned long long kMaxIterations = 2'000'000;
   static constexpr std::size_t kMaxRangeItems = 1'000'000;
-  static constexpr unsigned long long kMaxBuiltBytes = 1ULL << 30;
+  static constexpr unsigned long long kMaxBuiltBytes = 512ULL << 20;
 };
 
 class Template {

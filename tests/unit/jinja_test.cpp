@@ -1561,6 +1561,17 @@ TEST(JinjaErrors, UnknownFiltersTestsFunctionsMethodsAreParseErrors) {
       "{% macro w() %}{{ caller() }}{% endmacro %}"));
 }
 
+TEST(JinjaErrors, SelectAndRejectParseButFailWhenRenderedLikeTheReference) {
+  // Meta's Llama 3.x tool template uses `builtin_tools | reject(...)` in a branch most requests
+  // never take: the template must load, and that branch fails as it does in the reference.
+  EXPECT_EQ(render("{% if builtin_tools is defined %}{{ builtin_tools | reject('equalto', 'code_interpreter') "
+                   "| join(', ') }}{% endif %}ok"),
+            "ok");
+  EXPECT_EQ(render_error("{{ ['a', 'code_interpreter'] | reject('equalto', 'code_interpreter') }}"),
+            "Unknown ArrayValue filter: reject");
+  EXPECT_EQ(render_error("{{ [1, 2] | select('odd') }}"), "Unknown ArrayValue filter: select");
+}
+
 TEST(JinjaErrors, SyntaxErrors) {
   EXPECT_EQ(parse_error("{% if x %}never closed"), "jinja: unexpected end of template, expected {% endif %} (line 1)");
   EXPECT_EQ(parse_error("{{ 'unterminated }}"), "jinja: unterminated string (line 1)");
