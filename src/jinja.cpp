@@ -2643,7 +2643,10 @@ class Renderer {
   // RuntimeValue.toString(): what {{ }} prints.
   void append_display(std::string& out, const Value& v, int depth = 0) {
     switch (v.k) {
-      case VK::Undef: out += "undefined"; return;
+      case VK::Undef:
+        if (v.b) fail("Cannot read properties of undefined (reading 'type')");
+        out += "undefined";
+        return;
       case VK::None: out += "null"; return;
       case VK::Bool: out += v.b ? "true" : "false"; return;
       case VK::Int: append_js_number(out, v.n); return;
@@ -2665,7 +2668,7 @@ class Renderer {
         const auto& items = v.arr().v;
         for (std::size_t i = 0; i < items.size(); ++i) {
           if (i) out += ',';
-          append_display(out, items[i], 1);
+          if (!(items[i].k == VK::Undef && items[i].b)) append_display(out, items[i], 1);
           check_size(out);
         }
         return;
@@ -2686,7 +2689,10 @@ class Renderer {
     if (depth > Limits::kMaxValueDepth) fail("value nesting is too deep to convert to JSON");
     switch (v.k) {
       case VK::None: out += "null"; return;
-      case VK::Undef: out += undef_null ? "null" : "undefined"; return;
+      case VK::Undef:
+        if (v.b) fail("Cannot read properties of undefined (reading 'type')");
+        out += undef_null ? "null" : "undefined";
+        return;
       case VK::Int:
       case VK::Float:
         if (std::isfinite(v.n)) append_js_number(out, v.n);
@@ -2810,14 +2816,14 @@ class Renderer {
 
   void bind_loop_var(const Node& target, const Value& item, Env& scope) {
     if (target.kind == NK::Ident) {
-      scope.set(target.id, item);
+      scope.set(target.id, plain(item));
       return;
     }
     const auto& items = item.arr().v;  // checked before the loop runs
     for (std::size_t j = 0; j < target.list.size(); ++j) {
       const Node& t = *target.list[j];
       if (t.kind != NK::Ident) fail(std::string("Cannot unpack non-identifier type: ") + kind_name(t));
-      scope.set(t.id, items[j]);
+      scope.set(t.id, plain(items[j]));
     }
   }
 
@@ -2933,7 +2939,11 @@ class Renderer {
     const Node& target = *n.a;
     if (n.b && try_append_in_place(n, env)) return Flow::Normal;
     if (n.b) {
-      rhs = target.kind == NK::TupleLit ? eval(*n.b, env) : plain(eval_raw(*n.b, env));
+      // A namespace attribute keeps JavaScript's undefined as the reference's Map does; a
+      // variable reads back as undefined.
+      rhs = target.kind == NK::TupleLit ? eval(*n.b, env)
+            : target.kind == NK::Member ? eval_raw(*n.b, env)
+                                        : plain(eval_raw(*n.b, env));
     } else {
       std::string body;
       Flow f = exec_block(n.list, env, body);
@@ -3017,7 +3027,7 @@ class Renderer {
       case NK::TupleLit: {
         std::vector<Value> items;
         items.reserve(n.list.size());
-        for (const auto& x : n.list) items.push_back(eval(*x, env));
+        for (const auto& x : n.list) items.push_back(eval_raw(*x, env));
         return make_array(std::move(items), n.kind == NK::TupleLit);
       }
       case NK::ObjectLit: {
@@ -3026,13 +3036,13 @@ class Renderer {
         for (std::size_t i = 0; i < n.list.size(); ++i) {
           Value key = eval(*n.list[i], env);
           if (key.k != VK::Str) fail(std::string("Object keys must be strings: got ") + type_name(key));
-          o->set(key_of(key), plain(eval_raw(*n.list2[i], env)));
+          o->set(key_of(key), eval_raw(*n.list2[i], env));
         }
         return result;
       }
       case NK::Ident: {
         const Value* v = env.lookup(n.id);
-        return v ? *v : Value{};
+        return v ? plain(*v) : Value{};
       }
       case NK::Member: return eval_member(n, env);
       case NK::Call: return eval_call(n, env);
@@ -3225,7 +3235,7 @@ class Renderer {
       const auto& items = ref.arr().v;
       for (std::size_t i = 0; i < items.size(); ++i) {
         if (i) s += ',';
-        append_display_static(s, items[i]);
+        if (!(items[i].k == VK::Undef && items[i].b)) append_display_static(s, items[i]);
       }
     } else {
       s = "[object Map]";
@@ -3319,6 +3329,7 @@ class Renderer {
       if (op == Op::In || op == Op::NotIn) {
         bool member = false;
         for (const Value& x : right.arr().v) {
+          if (is_raw_undef(x)) fail("Cannot read properties of undefined (reading 'value')");
           if (strict_equal(x, left)) {
             member = true;
             break;
@@ -3384,7 +3395,7 @@ class Renderer {
   Value member(const Value& object, const Value& prop) {
     if (object.k == VK::Object || object.k == VK::Ns) {
       if (!prop.is_str()) fail(std::string("Cannot access property with non-string: got ") + type_name(prop));
-      if (const Value* v = object.obj().find(prop.s)) return *v;
+      if (const Value* v = object.obj().find(prop.s)) return plain(*v);
       Method m;
       if (object.k == VK::Object && lookup_name(kObjectMethods, prop.s, m)) return bound_method(object, m);
       return Value{};
@@ -3395,7 +3406,7 @@ class Renderer {
         const auto& items = object.arr().v;
         double idx = prop.n < 0 ? prop.n + static_cast<double>(items.size()) : prop.n;
         if (!(idx >= 0 && idx < static_cast<double>(items.size()))) return Value{};
-        return items[static_cast<std::size_t>(idx)];
+        return plain(items[static_cast<std::size_t>(idx)]);
       }
       if (prop.is_str()) {
         if (prop.s == "length") {
@@ -3597,14 +3608,14 @@ class Renderer {
     if (def.uses_kwargs) {
       auto* o = new ObjObj();
       Value kwv = make_object(o);
-      for (auto& kv : kw) o->set(std::move(kv.first), plain(std::move(kv.second)));
+      for (auto& kv : kw) o->set(std::move(kv.first), std::move(kv.second));
       scope->set(kIdKwargs, std::move(kwv));
     } else if (!kw.empty()) {
       fail("macro " + display + " takes no keyword argument '" + std::string(kw.front().first.s) + "'");
     }
     if (def.uses_varargs) {
       std::vector<Value> rest;
-      for (std::size_t i = params.size(); i < args.pos.size(); ++i) rest.push_back(plain(args.pos[i]));
+      for (std::size_t i = params.size(); i < args.pos.size(); ++i) rest.push_back(args.pos[i]);
       scope->set(kIdVarargs, make_array(std::move(rest)));
     } else if (args.pos.size() > params.size()) {
       fail("macro " + display + " takes not more than " + std::to_string(params.size()) + " argument(s)");
@@ -3973,6 +3984,7 @@ class Renderer {
 
   // compareRuntimeValues of the reference (sort, dictsort).
   static int compare_values(const Value& a, const Value& b, bool case_sensitive) {
+    if (is_raw_undef(a) || is_raw_undef(b)) fail("Cannot read properties of undefined (reading 'type')");
     if (a.is_none() && b.is_none()) return 0;
     if (a.is_none() || b.is_none()) fail(std::string("Cannot compare ") + type_name(a) + " with " + type_name(b));
     if (a.is_undef() && b.is_undef()) return 0;
@@ -4035,13 +4047,13 @@ class Renderer {
       std::string_view part = path.substr(start, dot == std::string_view::npos ? std::string_view::npos : dot - start);
       if (cur.k == VK::Object || cur.k == VK::Ns) {
         const Value* v = cur.obj().find(part);
-        cur = v ? *v : Value{};
+        cur = v ? plain(*v) : Value{};
       } else if (cur.k == VK::Array) {
         // parseInt(part, 10)
         double idx = js_parse_int(part);
         const auto& items = cur.arr().v;
         if (!std::isnan(idx) && idx >= 0 && idx < static_cast<double>(items.size())) {
-          Value next = items[static_cast<std::size_t>(idx)];
+          Value next = plain(items[static_cast<std::size_t>(idx)]);
           cur = std::move(next);
         } else {
           return Value{};
@@ -4297,6 +4309,7 @@ class Renderer {
           std::vector<Value> out;
           for (const Value& item : items) {
             const Value* a = item.obj().find(attr);
+            if (a && is_raw_undef(*a)) a = nullptr;  // JavaScript's undefined: as if missing
             bool result = false;
             if (a) result = has_test ? run_test(test, *a, has_arg ? &arg : nullptr) : truthy(*a);
             if (result == select) out.push_back(item);
@@ -4374,6 +4387,7 @@ class Renderer {
     for (std::size_t i = 0; i < items.size(); ++i) {
       if (i) out += sep;
       const Value& v = items[i];
+      if (is_raw_undef(v)) fail("Cannot read properties of undefined (reading 'value')");
       if (!v.is_undef() && !v.is_none()) append_raw(out, v);  // Array.join: null/undefined -> ""
       check_size(out);
     }
@@ -4387,6 +4401,7 @@ class Renderer {
     std::unordered_set<const void*> refs;
     bool seen_nan = false, seen_true = false, seen_false = false, seen_none = false, seen_undef = false;
     for (const Value& v : items) {
+      if (is_raw_undef(v)) fail("Cannot read properties of undefined (reading 'value')");
       bool fresh = false;
       switch (v.k) {
         case VK::Str: fresh = strings.insert(v.s).second; break;

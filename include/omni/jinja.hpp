@@ -55,8 +55,8 @@
 //    JavaScript source, we throw RenderError;
 //  - JavaScript artefacts we refuse instead of imitating: keyword arguments to range(),
 //    strftime_now() or get() (the reference passes a Map object), non-numeric range()
-//    arguments, `[] | first` / `[] | last` used as a filter argument or list item (stored with
-//    set, as a mapping value or macro argument it is undefined, as in the reference);
+//    arguments, `[] | first` / `[] | last` (JavaScript's undefined itself) passed to a filter
+//    or a built-in function (anywhere else it behaves as in the reference);
 //  - a JavaScript lone surrogate (indexing into half of a character outside the BMP) comes out
 //    as its 3-byte WTF-8 form, as UTF-8 cannot carry it;
 //  - tojson(sort_keys=true) orders ASCII keys as the reference's localeCompare does (ICU root

@@ -7,7 +7,8 @@
 // RenderOptions::now_epoch_seconds does); otherwise the current time.
 // Output (stdout): one JSON line per input line, in order:
 //   {"ok": true, "text": "<rendered>"}  or  {"ok": false, "error": "<message>"}
-// A line that is not valid JSON gives {"ok": false, "error": "bad input line: ..."}.
+// A line that is not valid JSON gives {"ok": false, "error": "bad input line: ..."}; blank
+// lines are skipped (no output line).
 //
 // The environment is pinned to what the C++ renderer implements: times are formatted in UTC
 // and month names in English (the reference uses the process's time zone and default locale).

@@ -1604,6 +1604,9 @@ TEST(JinjaErrors, RenderErrorsCarryTheReferenceMessage) {
   // `[] | first` is JavaScript's undefined in the reference: fine to store, fatal to print.
   EXPECT_EQ(render("{% set v = [] | first %}{{ v is defined }}"), "false");
   EXPECT_EQ(render_error("{{ [] | last }}"), "Cannot read properties of undefined (reading 'type')");
+  EXPECT_EQ(render("{{ {'a': [] | first}.a is defined }}|{{ {'a': [] | first} | length }}|{{ 'x' ~ [1, [] | last] }}"),
+            "false|1|x1,");
+  EXPECT_EQ(render_error("{{ {'a': [] | first} }}"), "Cannot read properties of undefined (reading 'type')");
 }
 
 // ---- bounds -----------------------------------------------------------------------------------
