@@ -166,8 +166,9 @@ class NginxTokenizerTest(unittest.TestCase):
             cls.sg_prefill = Sim("--engine", "sglang", "--role", "prefill", "--bootstrap-port", "0")
             cls.sg_decode = Sim("--engine", "sglang", "--role", "decode")
             cls.sims = [cls.agg, cls.prefill, cls.decode, cls.sg_prefill, cls.sg_decode]
-            base = free_port(4)
-            cls.ports = dict(zip(("OFF", "SEQ", "PAR", "RAISE"), range(base, base + 4)))
+            # nginx's main port and the four others, consecutive and free a moment ago.
+            base = free_port(5)
+            cls.ports = dict(zip(("OFF", "SEQ", "PAR", "RAISE"), range(base + 1, base + 5)))
             cls.template = tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False)
             cls.template.write("{% for m in messages %}{% if m.role == 'system' %}"
                                "{{ raise_exception('System messages are not allowed here') }}"
@@ -205,7 +206,7 @@ class NginxTokenizerTest(unittest.TestCase):
             body += server("RAISE", "omni_proxy_upstream agg; omni_proxy_tokenize strict;")
             for name, port in cls.ports.items():
                 body = body.replace("127.0.0.1:%s;" % name, "127.0.0.1:%d;" % port)
-            cls.nginx = Nginx("", main="thread_pool tok threads=2;")
+            cls.nginx = Nginx("", port=base, main="thread_pool tok threads=2;")
             body = body.replace("LOGDIR", os.path.join(cls.nginx.dir, "logs"))
             with open(cls.nginx.conf, "w") as f:
                 f.write(cls.nginx.render(body))
