@@ -1466,7 +1466,7 @@ bool Regex::find(std::string_view subject, std::size_t from, MatchScratch& scrat
   if (rc == PCRE2_ERROR_JIT_STACKLIMIT) {
     // Deep backtracking on a long subject: retry with a large JIT stack of this thread.
     if (!scratch.jit_stack_) {
-      scratch.jit_stack_ = pcre2_jit_stack_create(64 * 1024, 256 * 1024 * 1024, nullptr);
+      scratch.jit_stack_ = pcre2_jit_stack_create(64 * 1024, 64 * 1024 * 1024, nullptr);
       scratch.mctx_ = pcre2_match_context_create(nullptr);
       if (!scratch.jit_stack_ || !scratch.mctx_) throw std::bad_alloc();
       pcre2_jit_stack_assign(scratch.mctx_, nullptr, scratch.jit_stack_);
