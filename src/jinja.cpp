@@ -485,8 +485,8 @@ void append_json_string(std::string& out, std::string_view s, bool ensure_ascii)
 }
 
 // String.prototype.localeCompare in the root locale, for ASCII strings (tojson sort_keys):
-// primary weights (case-insensitive), then lowercase before uppercase, then code points.
-// Non-ASCII characters sort after ASCII by code point (approximation, documented).
+// primary weights (case-insensitive, control characters ignored), then lowercase before
+// uppercase. Non-ASCII characters sort after ASCII by code point (approximation, documented).
 int ascii_collation_weight(unsigned char c) {
   // Order of printable ASCII under ICU root collation (measured with localeCompare).
   static constexpr std::string_view kOrder =
@@ -547,8 +547,7 @@ int locale_compare(std::string_view a, std::string_view b) {
     ++i;
     ++j;
   }
-  int c = a.compare(b);
-  return c < 0 ? -1 : (c > 0 ? 1 : 0);
+  return 0;  // equal but for ignorable characters: equal (the stable sort keeps their order)
 }
 
 // =============================================================================================
