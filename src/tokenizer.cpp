@@ -234,10 +234,11 @@ std::string create_pattern(const json& pattern, bool invert, const std::string& 
 // ---- components -----------------------------------------------------------------------------
 
 struct NormStep {
-  enum class Kind { kUnicode, kReplace, kStrip, kPrepend, kStripAccents, kLowercase };
+  enum class Kind { kUnicode, kReplace, kStrip, kPrepend, kStripAccents, kLowercase, kPrecompiled };
   Kind kind;
   unicode::NormForm form = unicode::NormForm::kNFC;
   std::shared_ptr<Regex> re;
+  std::shared_ptr<Regex> re2;
   std::string content;
   bool left = false, right = false;
 };
@@ -534,6 +535,16 @@ void TokenizerImpl::parse_normalizer(const json& n, const std::string& where) {
     step.re = std::make_shared<Regex>("\\p{M}");
   } else if (type == "Lowercase") {
     step.kind = NormStep::Kind::kLowercase;
+  } else if (type == "Precompiled") {
+    // Reference: the precompiled_charsmap is not used; controls are removed, a fixed set of
+    // spaces becomes " ", then NFKC (around any U+FF5E). The Rust crate applies the charsmap.
+    step.kind = NormStep::Kind::kPrecompiled;
+    unicode::prepare_normalization();
+    step.re = std::make_shared<Regex>(
+        "[\\u0001-\\u0008\\u000B\\u000E-\\u001F\\u007F\\u008F\\u009F]");
+    step.re2 = std::make_shared<Regex>(
+        "[\\u0009\\u000A\\u000C\\u000D\\u00A0\\u1680\\u2000-\\u200F\\u2028\\u2029\\u202F"
+        "\\u205F\\u2581\\u3000\\uFEFF\\uFFFD]");
   } else {
     fail("tokenizer.json: " + where + ": normalizer type \"" + type + "\" is not supported");
   }
@@ -1100,6 +1111,33 @@ bool TokenizerImpl::normalize(std::string_view in, std::string& out) const {
         cur = s.content + std::string(current());
         changed = true;
         break;
+      case NormStep::Kind::kPrecompiled: {
+        std::string r = js_replace_all(*s.re, current(), "", scratch);
+        r = js_replace_all(*s.re2, r, " ", scratch);
+        std::string n;
+        if (r.find("\uFF5E") == std::string::npos) {
+          if (unicode::normalize(unicode::NormForm::kNFKC, r, n)) r = std::move(n);
+        } else {
+          // NFKC of each part between the U+FF5E (which NFKC would turn into "~").
+          std::string joined;
+          std::size_t pos = 0;
+          while (true) {
+            const std::size_t hit = r.find("\uFF5E", pos);
+            const std::string_view part = std::string_view(r).substr(
+                pos, hit == std::string::npos ? std::string::npos : hit - pos);
+            joined += unicode::normalize(unicode::NormForm::kNFKC, part, n) ? n : std::string(part);
+            if (hit == std::string::npos) break;
+            joined += "\uFF5E";
+            pos = hit + 3;
+          }
+          r = std::move(joined);
+        }
+        if (r != current()) {
+          cur = std::move(r);
+          changed = true;
+        }
+        break;
+      }
       case NormStep::Kind::kLowercase: {
         std::string r = js_to_lower(current());
         if (r != current()) {

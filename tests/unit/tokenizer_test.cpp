@@ -551,7 +551,7 @@ TEST(TokenizerSynthetic, ConfigFile) {
 
 // Lowercase is String.prototype.toLowerCase: U+0130 becomes two characters, capital sigma is
 // final only after a cased letter and before none (an apostrophe is case-ignorable).
-TEST(TokenizerSynthetic, LowercaseLikeJavaScript) {
+TEST(TokenizerSynthetic, LowercaseAndPrecompiledLikeJavaScript) {
   json vocab = {{"<unk>", 0}};
   for (int b = 0; b < 256; ++b) {
     char name[8];
@@ -569,6 +569,13 @@ TEST(TokenizerSynthetic, LowercaseLikeJavaScript) {
   EXPECT_EQ(bytes_of(tok->encode("ΟΔΟΣ Σ ΑΣ'Α İx", false)), "οδος σ ασ'α i\u0307x");
   EXPECT_EQ(bytes_of(tok->encode("ΑΣ.", false)), "ας.");
   EXPECT_EQ(bytes_of(tok->encode("\U00010D50", false)), "\U00010D70");  // Garay (Unicode 16)
+
+  // Precompiled as the reference has it: controls removed, some spaces to " ", NFKC except
+  // U+FF5E (the charsmap itself is not used).
+  json pre = tj;
+  pre["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", "AAAA"}};
+  auto precompiled = Tokenizer::load_json(pre.dump(), "");
+  EXPECT_EQ(bytes_of(precompiled->encode("a\x01" "b\u00A0ｶﾞ①～Ａ\u2581x", false)), "ab ガ1～A x");
 }
 
 // ---- what is refused at load time -----------------------------------------------------------
@@ -590,8 +597,8 @@ TEST(TokenizerErrors, UnsupportedComponentsAreNamed) {
   expect_load_error(tokenizer(model, {{"normalizer", {{"type", "BertNormalizer"}, {"lowercase", true}}}}),
                     "BertNormalizer");
   expect_load_error(
-      tokenizer(model, {{"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Precompiled"}}}}}}}),
-      "Precompiled");
+      tokenizer(model, {{"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Nmt"}}}}}}}),
+      "Nmt");
   expect_load_error(tokenizer(model, {{"pre_tokenizer", {{"type", "FixedLength"}, {"length", 5}}}}),
                     "FixedLength");
   expect_load_error(tokenizer(model, {{"decoder", {{"type", "CTC"}}}}), "CTC");
