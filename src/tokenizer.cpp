@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -423,9 +422,8 @@ TokenizerImpl::TokenizerImpl(std::string_view tokenizer_json, std::string_view c
   load_config(cfg);
   if (lowercase_and_remove_accent_) marks_ = std::make_unique<Regex>("\\p{M}");
 
-  if (const json* t = member(tj, "truncation")) {
-    (void)t;  // encode() never truncates; the reference ignores it too
-  }
+  // "truncation" and "padding" are ignored, as the reference ignores them: encode() returns
+  // every id.
   if (const json* n = member(tj, "normalizer")) parse_normalizer(*n, "normalizer");
   has_normalizer_ = member(tj, "normalizer") != nullptr;
   if (const json* p = member(tj, "pre_tokenizer")) parse_pre_tokenizer(*p, "pre_tokenizer");
