@@ -164,31 +164,19 @@ std::optional<ProtocolError> Protocol::encode_model_chat(const json& j, std::str
   if (!doc.is_object()) {
     return error(api, 500, "internal error: the body does not parse again", "InternalServerError");
   }
-  auto member = [&](const char* key) {
-    auto it = doc.find(key);
-    return it == doc.end() ? ojson(nullptr) : *it;
-  };
   std::string why;
-  std::optional<ojson> normalized;
+  std::optional<ChatPrompt> prompt;
   {
     TokenizeTimer timer(counters_);
-    normalized = normalize_messages(doc["messages"], why);
-    if (normalized) {
-      std::string prompt;
-      try {
-        prompt = chat->render(*normalized, member("tools"), flag(j, "add_generation_prompt", true),
-                              member("chat_template_kwargs"));
-      } catch (const jinja::RenderError& e) {
-        return error(api, 400, e.what(), "BadRequestError");
-      }
-      // The template writes the special tokens: none are added unless asked for.
-      std::vector<TokenId> ids =
-          model_tok_->tokenizer().encode(prompt, flag(j, "add_special_tokens", false));
-      timer.done(ids.size());
-      out.prompts.push_back(std::move(ids));
+    try {
+      prompt = encode_chat_request(doc, *chat, model_tok_->tokenizer(), why);
+    } catch (const jinja::RenderError& e) {
+      return error(api, 400, e.what(), "BadRequestError");
     }
+    if (prompt) timer.done(prompt->ids.size());
   }
-  if (!normalized) return invalid(why, "body.messages");
+  if (!prompt) return invalid(why, "body.messages");
+  out.prompts.push_back(std::move(prompt->ids));
   return std::nullopt;
 }
 

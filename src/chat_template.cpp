@@ -3,8 +3,7 @@
 namespace omni {
 
 ChatTemplate::ChatTemplate(std::string_view source, const TokenizerConfigInfo& tokens)
-    : source_(source),
-      template_(jinja::Template::parse(source)),
+    : template_(jinja::Template::parse(source)),
       base_(nlohmann::ordered_json::object()) {
   auto put = [&](const char* name, const std::string& value) {
     if (!value.empty()) base_[name] = value;
@@ -56,6 +55,27 @@ std::optional<nlohmann::ordered_json> normalize_messages(const nlohmann::ordered
     }
     *it = std::move(text);
   }
+  return out;
+}
+
+std::optional<ChatPrompt> encode_chat_request(const nlohmann::ordered_json& request,
+                                              const ChatTemplate& chat, const Tokenizer& tokenizer,
+                                              std::string& why,
+                                              const jinja::RenderOptions& options) {
+  auto member = [&](const char* key) {
+    auto it = request.find(key);
+    return it == request.end() ? nlohmann::ordered_json(nullptr) : *it;
+  };
+  auto flag = [&](const char* key, bool dflt) {
+    auto it = request.find(key);
+    return it != request.end() && it->is_boolean() ? it->get<bool>() : dflt;
+  };
+  auto messages = normalize_messages(member("messages"), why);
+  if (!messages) return std::nullopt;
+  ChatPrompt out;
+  out.text = chat.render(*messages, member("tools"), flag("add_generation_prompt", true),
+                         member("chat_template_kwargs"), options);
+  out.ids = tokenizer.encode(out.text, flag("add_special_tokens", false));
   return out;
 }
 

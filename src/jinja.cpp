@@ -10,6 +10,8 @@
 // copied.
 #include "omni/jinja.hpp"
 
+#include "unicode_tables.hpp"
+
 #include <algorithm>
 #include <array>
 #include <charconv>
@@ -69,23 +71,7 @@ inline std::size_t decode_utf8(std::string_view s, std::size_t i, char32_t& cp) 
   return 1;
 }
 
-inline void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
+using unicode::append_utf8;
 
 // JavaScript's WhiteSpace + LineTerminator (the set of /\s/ and String.prototype.trim).
 inline bool is_js_space(char32_t c) {

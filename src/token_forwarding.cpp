@@ -235,28 +235,22 @@ BodyResult<TokenizedRequest> tokenize_chat(const ParsedBody& body, const Tokeniz
     out.reason = ForwardReason::kContinueFinalMessage;
     return out;
   }
-  std::string why;
-  auto messages = normalize_messages(doc["messages"], why);
-  if (!messages) {
-    out.reason = ForwardReason::kNonTextContent;
-    return out;
-  }
-  const ojson tools = is_set(doc, "tools") ? doc["tools"] : ojson(nullptr);
-  const ojson kwargs =
-      is_set(doc, "chat_template_kwargs") ? doc["chat_template_kwargs"] : ojson(nullptr);
-  if (!kwargs.is_null() && !kwargs.is_object()) {
+  if (is_set(doc, "chat_template_kwargs") && !doc["chat_template_kwargs"].is_object()) {
     return BodyError{400, "chat_template_kwargs must be an object", "chat_template_kwargs", {}};
   }
-  std::string prompt;
+  std::string why;
+  std::optional<ChatPrompt> prompt;
   try {
-    prompt = chat->render(*messages, tools, flag(doc, "add_generation_prompt", true), kwargs,
-                          options.render);
+    prompt = encode_chat_request(doc, *chat, tokenizer, why, options.render);
   } catch (const jinja::RenderError& e) {
     return BodyError{400, std::string("the chat template refused the conversation: ") + e.what(),
                      "messages", {}};
   }
-  // Chat prompts carry their special tokens in the template's text.
-  out.ids.push_back(tokenizer.encode(prompt, flag(doc, "add_special_tokens", false)));
+  if (!prompt) {
+    out.reason = ForwardReason::kNonTextContent;
+    return out;
+  }
+  out.ids.push_back(std::move(prompt->ids));
   count(out);
   if ((is_set(doc, "tools") && !(doc["tools"].is_array() && doc["tools"].empty())) ||
       is_set(doc, "functions") || is_set(doc, "function_call")) {

@@ -166,18 +166,13 @@ class Tool {
 
   ojson chat(const ojson& in) const {
     if (!chat_) throw std::runtime_error("the tokenizer has no chat template (use --template)");
-    ojson messages = in.is_array() ? in : in.value("messages", ojson(nullptr));
-    const ojson tools = in.is_object() ? in.value("tools", ojson(nullptr)) : ojson(nullptr);
-    const ojson kwargs =
-        in.is_object() ? in.value("chat_template_kwargs", ojson(nullptr)) : ojson(nullptr);
-    const bool gen = in.is_object() ? in.value("add_generation_prompt", true) : true;
-    const bool special = in.is_object() ? in.value("add_special_tokens", false) : false;
+    // A bare messages array, or a chat request body.
+    const ojson request = in.is_array() ? ojson{{"messages", in}} : in;
     std::string why;
-    auto normalized = omni::normalize_messages(messages, why);
-    if (!normalized) throw std::invalid_argument(why);
-    const std::string prompt = chat_->render(*normalized, tools, gen, kwargs, render_);
-    auto ids = tokenizer_->encode(prompt, special);
-    return ojson{{"prompt", prompt}, {"ids", ids_json(ids)}, {"count", ids.size()}};
+    auto prompt = omni::encode_chat_request(request, *chat_, *tokenizer_, why, render_);
+    if (!prompt) throw std::invalid_argument(why);
+    return ojson{{"prompt", prompt->text}, {"ids", ids_json(prompt->ids)},
+                 {"count", prompt->ids.size()}};
   }
 
   ojson forward(const std::string& body) const {

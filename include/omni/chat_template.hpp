@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace omni {
 
@@ -39,10 +40,7 @@ class ChatTemplate {
                      bool add_generation_prompt, const nlohmann::ordered_json& kwargs,
                      const jinja::RenderOptions& options = {}) const;
 
-  const std::string& source() const noexcept { return source_; }
-
  private:
-  std::string source_;
   jinja::Template template_;
   nlohmann::ordered_json base_;  // the special tokens
 };
@@ -51,6 +49,21 @@ class ChatTemplate {
 // Returns nullopt, and sets `why`, when a message carries content the template cannot render
 // as text (a non-text part, a part without a string `text`).
 std::optional<nlohmann::ordered_json> normalize_messages(const nlohmann::ordered_json& messages,
-                                                 std::string& why);
+                                                         std::string& why);
+
+struct ChatPrompt {
+  std::string text;          // the rendered conversation
+  std::vector<TokenId> ids;  // its tokens
+};
+
+// The prompt of a chat request (an OpenAI chat completions body), as vLLM builds it: `messages`
+// normalized, rendered with the request's `tools`, `add_generation_prompt` (default true) and
+// `chat_template_kwargs`, then encoded with its `add_special_tokens` (default false: the template
+// writes the special tokens). Returns nullopt, with `why`, for messages the template cannot see
+// as text (normalize_messages); throws jinja::RenderError when the template refuses them.
+std::optional<ChatPrompt> encode_chat_request(const nlohmann::ordered_json& request,
+                                              const ChatTemplate& chat, const Tokenizer& tokenizer,
+                                              std::string& why,
+                                              const jinja::RenderOptions& options = {});
 
 }  // namespace omni
