@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# The proxy's own cost: plain nginx `proxy_pass` against the omni_proxy module in aggregated
+# mode (omni_proxy_zone, no tokenizer), both Debian's /usr/sbin/nginx with 2 workers, in front
+# of a backend so cheap it is never what limits them: a third nginx (1 worker) answering
+# POST /v1/completions with a fixed small OpenAI completion (`return 200`), on 4 ports, so the
+# pool has 4 servers and the module's balancer runs its policy on every request (with one
+# server it leaves the choice to round robin); it also answers the module's engine poller
+# (GET /metrics, once a second per server). Both proxies: the same upstream block (4 servers,
+# keepalive 64), keep-alive to the client, `reuseport` listeners.
+#
+# h2load (HTTP/1.1, keep-alive) sends a small completion body ({"model","prompt","max_tokens"},
+# which the module parses) in R rounds, alternating the systems within each round so drift on
+# this shared machine hits all of them:
+#   1. max throughput, closed loop, C connections: backend alone, plain, module;
+#   2. fixed rate = 50% of plain's median max req/s (h2load --rps per connection): plain, module,
+#      latency percentiles from h2load's per-request log.
+# CPU per request: utime+stime of each nginx's worker processes (/proc/PID/stat, before and
+# after each run) divided by the requests done; also h2load's own.
+# Prints one JSON line per run, then a summary with per-round ratios, their median and range,
+# and pass/fail against the goals (module >= 0.90 of plain's throughput, < 200 us added at p99
+# at 50% load). Exits non-zero only on errors (failed or non-2xx requests, nginx alerts), not
+# on a missed goal.
+#
+# usage: bench/overhead_bench.sh [BUILD_DIR] [DURATION_S]
+#   env: OMNI_BENCH_ROUNDS (3), OMNI_BENCH_CONNECTIONS (64, closed loop),
+#        OMNI_BENCH_RATE_CONNECTIONS (32, fixed rate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR="${1:-build}"
+DURATION="${2:-10}"
+ROUNDS="${OMNI_BENCH_ROUNDS:-3}"
+CONNECTIONS="${OMNI_BENCH_CONNECTIONS:-64}"
+RATE_CONNECTIONS="${OMNI_BENCH_RATE_CONNECTIONS:-32}"
+case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$(pwd)/$BUILD_DIR" ;; esac
+MODULE_SO="$BUILD_DIR/nginx-build/objs/ngx_http_omni_proxy_module.so"
+[ -f "$MODULE_SO" ] || { echo "build first: cmake --build $BUILD_DIR (the module)" >&2; exit 1; }
+command -v h2load >/dev/null || { echo "h2load is missing: scripts/setup.sh installs it" >&2; exit 1; }
+
+. bench/lib.sh
+backend_ports=($(free_port) $(free_port) $(free_port) $(free_port))
+plain_port=$(free_port)
+module_port=$(free_port)
+
+answer='{"id":"cmpl-bench","object":"text_completion","created":1764000000,"model":"m","choices":[{"index":0,"text":" one two three four","logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}'
+cat > "$dir/backend.conf" <<CONF
+pid $dir/backend.nginx.pid;
+error_log $dir/logs/backend.error.log warn;
+worker_processes 1;
+events { worker_connections 4096; }
+http {
+$(http_preamble)
+    keepalive_requests 1000000;
+    server {
+$(for p in "${backend_ports[@]}"; do echo "        listen 127.0.0.1:$p;"; done)
+        location = /v1/completions {
+            default_type application/json;
+            return 200 '$answer';
+        }
+        # The module's engine poller (default: every second) reads this as a vLLM exposition.
+        location = /metrics {
+            default_type text/plain;
+            return 200 'vllm:num_requests_running{engine="0"} 3\nvllm:num_requests_waiting{engine="0"} 0\nvllm:kv_cache_usage_perc{engine="0"} 0.25\n';
+        }
+    }
+}
+CONF
+upstream="upstream backend {
+$(for p in "${backend_ports[@]}"; do echo "        server 127.0.0.1:$p;"; done)
+        keepalive 64;
+        keepalive_requests 1000000;
+    }"
+cat > "$dir/plain.conf" <<CONF
+pid $dir/plain.nginx.pid;
+error_log $dir/logs/plain.error.log warn;
+worker_processes 2;
+events { worker_connections 4096; }
+http {
+$(http_preamble)
+    keepalive_requests 1000000;
+    $upstream
+    server {
+        listen 127.0.0.1:$plain_port reuseport;
+        location /v1/ {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+cat > "$dir/module.conf" <<CONF
+load_module $MODULE_SO;
+pid $dir/module.nginx.pid;
+error_log $dir/logs/module.error.log warn;
+worker_processes 2;
+events { worker_connections 4096; }
+http {
+$(http_preamble)
+    keepalive_requests 1000000;
+    omni_proxy_zone omni 4m;
+    $upstream
+    server {
+        listen 127.0.0.1:$module_port reuseport;
+        location /v1/ { omni_proxy; omni_proxy_upstream backend; }
+    }
+}
+CONF
+nginx_start backend
+nginx_start plain
+nginx_start module
+
+echo '{"model":"m","prompt":"How much does a proxy cost per request? Measure it with a fast backend.","max_tokens":4}' \
+  > "$dir/body.json"
+
+rc=0
+/usr/bin/python3 - "$dir" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$RATE_CONNECTIONS" \
+  "${backend_ports[0]}" "$plain_port" "$module_port" <<'PY' || rc=$?
+import json, os, re, resource, statistics, subprocess, sys
+
+d = sys.argv[1]
+duration, rounds, conns, rate_conns = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ports = {"backend": int(sys.argv[6]), "plain": int(sys.argv[7]), "module": int(sys.argv[8])}
+tck = os.sysconf("SC_CLK_TCK")
+errors = 0
+
+def master(name):
+    return int(open("%s/%s.nginx.pid" % (d, name)).read())
+
+def workers_cpu(name):
+    """Seconds of CPU (user + system) of the workers of nginx `name`, and how many there are."""
+    m, total, n = master(name), 0, 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == m:
+            total += int(fields[11]) + int(fields[12])
+            n += 1
+    return total / tck, n
+
+def h2load(name, seconds, clients, rps=None, log=None):
+    cmd = ["h2load", "--h1", "-c", str(clients), "-D", str(seconds), "-d", "%s/body.json" % d,
+           "-H", "Content-Type: application/json"]
+    if rps:
+        cmd += ["--rps", str(rps)]
+    if log:
+        cmd += ["--log-file", log]
+    cmd.append("http://127.0.0.1:%d/v1/completions" % ports[name])
+    before = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    f = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
+    if not (m and s and f):
+        raise SystemExit("h2load output not understood:\n" + out)
+    done, ok = int(m.group(3)), int(s.group(1))
+    cpu = {n: after[n] - before[n] for n in after}
+    h2 = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    per = lambda sec: round(sec / done * 1e6, 2) if done else None
+    r = {"system": name, "requests": done, "ok_2xx": ok,
+         "failed": int(m.group(5)) + int(m.group(6)) + int(m.group(7)),
+         "non_2xx": done - ok, "req_per_s": float(f.group(3)),
+         "cpu_us_per_req": per(cpu[name]) if name != "backend" else None,
+         "backend_cpu_us_per_req": per(cpu["backend"]),
+         "h2load_cpu_us_per_req": per(h2),
+         "cores_used": round((sum(cpu.values()) + h2) / seconds, 2)}
+    if log:
+        lat = sorted(int(line.split("\t")[2]) for line in open(log)
+                     if line.split("\t")[1].startswith("2"))
+        q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else None
+        r.update({"p50_us": q(0.50), "p90_us": q(0.90), "p99_us": q(0.99), "p999_us": q(0.999),
+                  "max_us": lat[-1] if lat else None})
+        os.remove(log)
+    return r
+
+def report(phase, rnd, r):
+    global errors
+    errors += r["failed"] + r["non_2xx"]
+    print(json.dumps({"phase": phase, "round": rnd, **r}), flush=True)
+    return r
+
+print(json.dumps({"start": {"duration_s": duration, "rounds": rounds, "connections": conns,
+                            "rate_connections": rate_conns, "cpus": os.cpu_count(),
+                            "loadavg": open("/proc/loadavg").read().split()[:3],
+                            "workers": {n: workers_cpu(n)[1] for n in ("backend", "plain", "module")}}}),
+      flush=True)
+for name in ("backend", "plain", "module"):  # warm-up: connections, caches, keepalive pools
+    h2load(name, 2, conns)
+
+maxr = {"backend": [], "plain": [], "module": []}
+for rnd in range(1, rounds + 1):
+    for name in ("backend", "plain", "module"):
+        maxr[name].append(report("max", rnd, h2load(name, duration, conns,
+                                                     log="%s/lat.tsv" % d)))
+
+plain_max = statistics.median(r["req_per_s"] for r in maxr["plain"])
+per_conn = max(1, round(plain_max * 0.5 / rate_conns))
+rate = per_conn * rate_conns
+rater = {"plain": [], "module": []}
+for rnd in range(1, rounds + 1):
+    for name in ("plain", "module"):
+        rater[name].append(report("rate", rnd, h2load(name, duration, rate_conns, rps=per_conn,
+                                                      log="%s/lat.tsv" % d)))
+
+def spread(values):
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "per_round": [round(v, 3) for v in values]}
+
+med = lambda rs, k: statistics.median(r[k] for r in rs)
+ratio = [m["req_per_s"] / p["req_per_s"] for p, m in zip(maxr["plain"], maxr["module"])]
+add50 = [m["p50_us"] - p["p50_us"] for p, m in zip(rater["plain"], rater["module"])]
+add99 = [m["p99_us"] - p["p99_us"] for p, m in zip(rater["plain"], rater["module"])]
+cpu_add = [m["cpu_us_per_req"] - p["cpu_us_per_req"] for p, m in zip(maxr["plain"], maxr["module"])]
+headroom = med(maxr["backend"], "req_per_s") / max(med(maxr["plain"], "req_per_s"),
+                                                     med(maxr["module"], "req_per_s"))
+summary = {
+    "summary": "omni_proxy (aggregated) vs plain proxy_pass, 2 workers each",
+    "max_req_per_s": {n: round(med(maxr[n], "req_per_s")) for n in maxr},
+    "backend_over_fastest_proxy": round(headroom, 2),
+    "throughput_ratio_module_over_plain": spread(ratio),
+    "fixed_rate_req_per_s": rate,
+    "latency_us_at_fixed_rate": {n: {"p50": med(rater[n], "p50_us"), "p99": med(rater[n], "p99_us")}
+                                 for n in rater},
+    "added_us_p50": spread(add50),
+    "added_us_p99": spread(add99),
+    "proxy_cpu_us_per_req": {n: med(maxr[n], "cpu_us_per_req") for n in ("plain", "module")},
+    "proxy_cpu_us_per_req_at_rate": {n: med(rater[n], "cpu_us_per_req") for n in rater},
+    "added_cpu_us_per_req": spread(cpu_add),
+    "backend_cpu_us_per_req": med(maxr["plain"] + maxr["module"], "backend_cpu_us_per_req"),
+    "h2load_cpu_us_per_req": med(maxr["plain"] + maxr["module"], "h2load_cpu_us_per_req"),
+    "goals": {"throughput_ratio_ge_0.90": statistics.median(ratio) >= 0.90,
+              "added_p99_lt_200us": statistics.median(add99) < 200},
+    "errors": errors,
+}
+print(json.dumps(summary), flush=True)
+sys.exit(1 if errors else 0)
+PY
+for n in backend plain module; do
+  if grep -E '\[(alert|crit|emerg)\]' "$dir/logs/$n.error.log" >&2; then rc=1; fi
+done
+exit "$rc"
