@@ -12,8 +12,9 @@
 # which the module parses) in R rounds, alternating the systems within each round so drift on
 # this shared machine hits all of them:
 #   1. max throughput, closed loop, C connections: backend alone, plain, module;
-#   2. fixed rate = 50% of plain's median max req/s (h2load --rps per connection): plain, module,
-#      latency percentiles from h2load's per-request log.
+#   2. fixed rate = 50% of plain's median max req/s (h2load --rps per connection): backend alone
+#      (the machine's own latency floor), plain, module; latency percentiles from h2load's
+#      per-request log.
 # CPU per request: utime+stime of each nginx's worker processes (/proc/PID/stat, before and
 # after each run) divided by the requests done; also h2load's own.
 # Prints one JSON line per run, then a summary with per-round ratios, their median and range,
@@ -142,6 +143,11 @@ def workers_cpu(name):
             n += 1
     return total / tck, n
 
+def busy_seconds():
+    """CPU seconds the whole machine spent busy (not idle or waiting for I/O) since boot."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / tck
+
 def h2load(name, seconds, clients, rps=None, log=None):
     cmd = ["h2load", "--h1", "-c", str(clients), "-D", str(seconds), "-d", "%s/body.json" % d,
            "-H", "Content-Type: application/json"]
@@ -151,10 +157,12 @@ def h2load(name, seconds, clients, rps=None, log=None):
         cmd += ["--log-file", log]
     cmd.append("http://127.0.0.1:%d/v1/completions" % ports[name])
     before = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
+    busy0 = busy_seconds()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
+    busy = busy_seconds() - busy0
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
     s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
@@ -171,7 +179,9 @@ def h2load(name, seconds, clients, rps=None, log=None):
          "cpu_us_per_req": per(cpu[name]) if name != "backend" else None,
          "backend_cpu_us_per_req": per(cpu["backend"]),
          "h2load_cpu_us_per_req": per(h2),
-         "cores_used": round((sum(cpu.values()) + h2) / seconds, 2)}
+         # cores used by the benchmark's processes, and by everything else on the machine
+         "cores_used": round((sum(cpu.values()) + h2) / seconds, 2),
+         "other_cores": round(max(0.0, busy - sum(cpu.values()) - h2) / seconds, 2)}
     if log:
         lat = sorted(int(line.split("\t")[2]) for line in open(log)
                      if line.split("\t")[1].startswith("2"))
@@ -204,9 +214,9 @@ for rnd in range(1, rounds + 1):
 plain_max = statistics.median(r["req_per_s"] for r in maxr["plain"])
 per_conn = max(1, round(plain_max * 0.5 / rate_conns))
 rate = per_conn * rate_conns
-rater = {"plain": [], "module": []}
+rater = {"backend": [], "plain": [], "module": []}
 for rnd in range(1, rounds + 1):
-    for name in ("plain", "module"):
+    for name in ("backend", "plain", "module"):
         rater[name].append(report("rate", rnd, h2load(name, duration, rate_conns, rps=per_conn,
                                                       log="%s/lat.tsv" % d)))
 
@@ -227,18 +237,22 @@ summary = {
     "backend_over_fastest_proxy": round(headroom, 2),
     "throughput_ratio_module_over_plain": spread(ratio),
     "fixed_rate_req_per_s": rate,
+    # backend: h2load straight to the backend at the same rate, the machine's own floor.
     "latency_us_at_fixed_rate": {n: {"p50": med(rater[n], "p50_us"), "p99": med(rater[n], "p99_us")}
                                  for n in rater},
     "added_us_p50": spread(add50),
     "added_us_p99": spread(add99),
     "proxy_cpu_us_per_req": {n: med(maxr[n], "cpu_us_per_req") for n in ("plain", "module")},
-    "proxy_cpu_us_per_req_at_rate": {n: med(rater[n], "cpu_us_per_req") for n in rater},
+    "proxy_cpu_us_per_req_at_rate": {n: med(rater[n], "cpu_us_per_req") for n in ("plain", "module")},
     "added_cpu_us_per_req": spread(cpu_add),
     "backend_cpu_us_per_req": med(maxr["plain"] + maxr["module"], "backend_cpu_us_per_req"),
     "h2load_cpu_us_per_req": med(maxr["plain"] + maxr["module"], "h2load_cpu_us_per_req"),
+    "other_cores_median": statistics.median(r["other_cores"] for rs in (*maxr.values(), *rater.values())
+                                            for r in rs),
     "goals": {"throughput_ratio_ge_0.90": statistics.median(ratio) >= 0.90,
               "added_p99_lt_200us": statistics.median(add99) < 200},
     "errors": errors,
+    "loadavg_end": open("/proc/loadavg").read().split()[:3],
 }
 print(json.dumps(summary), flush=True)
 sys.exit(1 if errors else 0)
