@@ -56,6 +56,13 @@ const omni::Policy& policy() {
   return p;
 }
 
+// The eligibility filters alone: the candidates the cache-aware rule chooses among.
+const omni::Policy& eligibility() {
+  static const omni::Policy p("eligible", omni::make_eligibility_filters(), {},
+                              std::make_shared<omni::MaxScorePicker>());
+  return p;
+}
+
 std::int32_t server_of(const ngx_http_upstream_rr_peer_data_t* rrp, const Pool& pool) {
   if (rrp == nullptr || rrp->current == nullptr) return -1;
   const ngx_http_upstream_rr_peers_t* peers = rrp->peers;
@@ -110,14 +117,41 @@ std::vector<omni::BackendState> snapshot(const Pool& pool, ngx_http_upstream_rr_
   return out;
 }
 
-std::int32_t pick(const Pool& pool, ngx_http_upstream_rr_peers_t* peers, std::uint64_t hash,
+// SGLang's cache-aware rule over the eligible servers; the chosen server's prompt prefix is
+// recorded in the shared table, as SGLang's router inserts it into its tree.
+std::int32_t pick_cache_aware(const Pool& pool, const omni::PoolSnapshot& snap,
+                              const omni::RequestFeatures& f, const PeerChoice& choice) {
+  const omni::Pick eligible = eligibility().pick(f, snap, std::chrono::steady_clock::now());
+  if (eligible.candidates.empty()) return -1;
+  std::vector<std::size_t> candidates;
+  candidates.reserve(eligible.candidates.size());
+  for (const omni::CandidateScore& c : eligible.candidates) candidates.push_back(c.index);
+  omni::PrefixTable* table = prefix_table();
+  static const omni::PrefixKeys kNoKeys;
+  const omni::PrefixKeys& keys = choice.keys != nullptr ? *choice.keys : kNoKeys;
+  // Each upstream block records its prefixes apart: its servers are its tenants.
+  const std::uint64_t salt = 0x706f6f6c00000000ULL | pool.base;
+  const auto d = omni::cache_aware_choose(snap, candidates, table, keys, salt, pool.base,
+                                          *choice.lcf->cache_aware, omni::pick_seed(f.request_hash));
+  if (!d) return -1;
+  if (table != nullptr && d->chosen < omni::PrefixTable::kMaxTenants) {
+    table->insert(keys.blocks, salt, static_cast<unsigned>(d->chosen),
+                  static_cast<std::uint32_t>(pool.base + d->chosen));
+  }
+  return static_cast<std::int32_t>(d->chosen);
+}
+
+std::int32_t pick(const Pool& pool, ngx_http_upstream_rr_peers_t* peers, const PeerChoice& choice,
                   std::span<const std::uint64_t> tried) {
   std::vector<omni::BackendState> servers = snapshot(pool, peers);
   if (servers.empty()) return -1;
   const omni::PoolSnapshot snap(pool.name, 0, std::move(servers));
   omni::RequestFeatures f;
-  f.request_hash = hash;
+  f.request_hash = choice.request_hash;
   f.excluded = tried;
+  if (choice.lcf != nullptr && choice.lcf->policy == kPolicyCacheAware) {
+    return pick_cache_aware(pool, snap, f, choice);
+  }
   const omni::Pick p = policy().pick(f, snap, std::chrono::steady_clock::now());
   if (p.status != omni::PickStatus::kPicked || !p.chosen) return -1;
   return static_cast<std::int32_t>(*p.chosen);
@@ -136,7 +170,7 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
     std::int32_t chosen = pd->choice.forced;
     if (chosen < 0) {
       try {
-        chosen = pick(*pd->pool, rrp->peers, pd->choice.request_hash,
+        chosen = pick(*pd->pool, rrp->peers, pd->choice,
                       std::span<const std::uint64_t>(
                           reinterpret_cast<const std::uint64_t*>(rrp->tried), words));
       } catch (...) {
@@ -216,8 +250,10 @@ ngx_int_t init_peer(ngx_http_request_t* r, ngx_http_upstream_srv_conf_t* us) noe
   if (rrp != nullptr && rrp->peers == us->peer.data) {
     pd->rrp = rrp;
     // The policy chooses for round-robin blocks; a block that names its own method keeps it,
-    // except for a forced server (the parallel prefill named in the body).
-    pd->steer = get == ngx_http_upstream_get_round_robin_peer;
+    // and so does every block of a location with "omni_proxy_policy upstream", except for a
+    // forced server (the parallel prefill named in the body).
+    pd->steer = get == ngx_http_upstream_get_round_robin_peer &&
+                (choice.lcf == nullptr || choice.lcf->policy != kPolicyUpstream);
   }
   if (choice.forced >= 0 && pd->rrp == nullptr) {
     ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
@@ -244,11 +280,11 @@ void install_balancer(Registry& registry) noexcept {
   }
 }
 
-std::int32_t choose_server(const Pool& pool, std::uint64_t request_hash) noexcept try {
+std::int32_t choose_server(const Pool& pool, const PeerChoice& choice) noexcept try {
   auto* peers = static_cast<ngx_http_upstream_rr_peers_t*>(pool.uscf->peer.data);
   if (peers == nullptr || peers->number == 0) return -1;
   if (peers->number == 1) return peers->peer->down ? -1 : 0;
-  return pick(pool, peers, request_hash, {});
+  return pick(pool, peers, choice, {});
 } catch (...) {
   log_exception(ngx_cycle->log, "choose_server");
   return -1;

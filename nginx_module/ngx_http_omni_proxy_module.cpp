@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
@@ -24,8 +26,10 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace {
 
@@ -39,7 +43,7 @@ using omni::ngx::log_exception;
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 3;
+constexpr uint32_t kZoneLayoutVersion = 4;
 constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
 constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
 constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
@@ -48,6 +52,8 @@ constexpr size_t kUpstreamHeaderBuffer = 16u << 10;
 constexpr ngx_uint_t kMaxQueueLimit = 1u << 20;
 constexpr ngx_uint_t kMaxInflightLimit = 1u << 24;
 constexpr ngx_msec_t kReclaimInterval = 1000;
+constexpr ngx_uint_t kDefaultPrefixEntries = 1u << 18;     // 6 MiB of prefix table
+constexpr ngx_uint_t kMaxPrefixEntries = 1u << 25;
 
 // Lives in the shared zone, after nginx's slab-pool header. Fixed-width, trivially copyable.
 struct ZoneHeader {
@@ -59,6 +65,8 @@ struct ZoneHeader {
   uint64_t fingerprint;      // of the SharedStateConfig it was built for
   uint64_t state_offset;     // the SharedState region, from the zone start
   uint64_t state_bytes;
+  uint64_t prefix_offset;    // the PrefixTable region (0: none)
+  uint64_t prefix_bytes;
   std::atomic<int32_t> poller_pid;  // the worker polling engine metrics (0: none)
   int32_t pad;
   std::atomic<uint64_t> poller_beat_msec;  // when that worker last polled (ngx_current_msec)
@@ -76,6 +84,7 @@ void* create_main_conf(ngx_conf_t* cf) noexcept;
 char* init_main_conf(ngx_conf_t* cf, void* conf) noexcept;
 char* finalize_registry(ngx_conf_t* cf) noexcept;
 char* set_enum(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_policy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
 void* create_loc_conf(ngx_conf_t* cf) noexcept;
 char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept;
 ngx_int_t preconfiguration(ngx_conf_t* cf) noexcept;
@@ -102,6 +111,8 @@ ngx_conf_num_bounds_t inflight_bounds = {ngx_conf_check_num_bounds, 0,
 ngx_conf_num_bounds_t queue_bounds = {ngx_conf_check_num_bounds, 0,
                                       static_cast<ngx_int_t>(kMaxQueueLimit)};
 ngx_conf_num_bounds_t port_bounds = {ngx_conf_check_num_bounds, 1, 65535};
+ngx_conf_num_bounds_t prefix_table_bounds = {ngx_conf_check_num_bounds, 1024,
+                                             static_cast<ngx_int_t>(kMaxPrefixEntries)};
 
 constexpr ngx_uint_t kAnyLevel = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
@@ -113,6 +124,8 @@ ngx_command_t commands[] = {
      nullptr},
     {ngx_string("omni_proxy_poll_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, poll_timeout), nullptr},
+    {ngx_string("omni_proxy_prefix_table"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_bounded_num,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, prefix_entries), &prefix_table_bounds},
     {ngx_string("omni_proxy_tokenizer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE23, set_tokenizer,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("omni_proxy_tokenize"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
@@ -131,6 +144,10 @@ ngx_command_t commands[] = {
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, mode), modes},
     {ngx_string("omni_proxy_engine"), kAnyLevel | NGX_CONF_TAKE1, set_enum,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, engine), engines},
+    {ngx_string("omni_proxy_policy"), kAnyLevel | NGX_CONF_1MORE, set_policy,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_route_header"), kAnyLevel | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, route_header), nullptr},
     {ngx_string("omni_proxy_upstream"), NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_upstream,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decode), nullptr},
     {ngx_string("omni_proxy_decode_upstream"), NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_upstream,
@@ -194,6 +211,7 @@ namespace {
 
 struct Runtime {
   std::unique_ptr<omni::SharedState> state;
+  std::unique_ptr<omni::PrefixTable> prefix_table;
   const Registry* registry = nullptr;
   ZoneHeader* zone = nullptr;
   ngx_event_t reclaim_timer{};
@@ -247,6 +265,14 @@ ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
     return NGX_OK;  // serve without shared state rather than not at all
   }
   rt.state = std::move(r.state);
+  if (hdr->prefix_offset != 0) {
+    rt.prefix_table = omni::PrefixTable::attach(base + hdr->prefix_offset, hdr->prefix_bytes);
+    if (rt.prefix_table == nullptr) {
+      ngx_log_error(NGX_LOG_ALERT, cycle->log, 0,
+                    "omni_proxy_zone \"%V\": the prefix table is missing; cache_aware "
+                    "locations choose by load alone", &mcf->zone->shm.name);
+    }
+  }
   reclaim(cycle->log);  // a worker that just replaced a dead one frees its slots at once
   rt.reclaim_timer.handler = reclaim_tick;
   rt.reclaim_timer.log = cycle->log;
@@ -270,6 +296,7 @@ void exit_process(ngx_cycle_t*) noexcept {
     rt.zone->poller_pid.compare_exchange_strong(me, 0);
   }
   rt.state.reset();
+  rt.prefix_table.reset();
 }
 
 }  // namespace
@@ -287,6 +314,8 @@ void log_exception(ngx_log_t* log, const char* where) noexcept {
 }
 
 omni::SharedState* shared_state() noexcept { return runtime().state.get(); }
+
+omni::PrefixTable* prefix_table() noexcept { return runtime().prefix_table.get(); }
 
 const Registry* registry() noexcept { return runtime().registry; }
 
@@ -354,6 +383,7 @@ void* create_main_conf(ngx_conf_t* cf) noexcept try {
   cln->data = mcf->registry;
   mcf->poll_interval = NGX_CONF_UNSET_MSEC;
   mcf->poll_timeout = NGX_CONF_UNSET_MSEC;
+  mcf->prefix_entries = NGX_CONF_UNSET_UINT;
   return mcf;
 } catch (...) {
   log_exception(cf->log, "create_main_conf");
@@ -378,6 +408,8 @@ void* create_loc_conf(ngx_conf_t* cf) noexcept {
   lcf->bootstrap_port = NGX_CONF_UNSET_UINT;
   lcf->group = -1;
   lcf->token_forwarding = NGX_CONF_UNSET;
+  lcf->policy = NGX_CONF_UNSET_UINT;
+  lcf->route_header = NGX_CONF_UNSET;
   for (ngx_http_upstream_conf_t* leg : {&lcf->prefill, &lcf->decode}) {
     leg->hide_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
     leg->pass_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
@@ -505,6 +537,13 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   ngx_conf_merge_str_value(conf->tokenizer_name, prev->tokenizer_name, "off");
   ngx_conf_merge_value(conf->token_forwarding, prev->token_forwarding, 1);
   ngx_conf_merge_str_value(conf->thread_pool_name, prev->thread_pool_name, "default");
+  if (conf->policy == NGX_CONF_UNSET_UINT) {
+    conf->policy = prev->policy;
+    conf->cache_aware = prev->cache_aware;
+    conf->prefix = prev->prefix;
+  }
+  ngx_conf_merge_uint_value(conf->policy, prev->policy, omni::ngx::kPolicyLeastOutstanding);
+  ngx_conf_merge_value(conf->route_header, prev->route_header, 0);
   char* rc = merge_leg(cf, &conf->prefill, &prev->prefill, conf->connect_timeout,
                        conf->prefill_timeout, true);
   if (rc != NGX_CONF_OK) return rc;
@@ -548,6 +587,16 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   }
   rc = register_pool(cf, conf->decode.upstream, conf->engine, false);
   if (rc != NGX_CONF_OK) return rc;
+  if (conf->policy == omni::ngx::kPolicyCacheAware) {
+    auto* mcf = static_cast<MainConf*>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+    for (Pool& pool : mcf->registry->pools) {
+      if (pool.uscf == conf->decode.upstream || pool.uscf == conf->prefill.upstream) {
+        pool.cache_aware = true;
+      }
+    }
+    mcf->registry->prefix_entries = 1;  // sized in finalize_registry
+  }
 
   auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
       ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
@@ -589,14 +638,21 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   return static_cast<char*>(NGX_CONF_ERROR);
 }
 
+std::size_t prefix_table_bytes(const Registry& reg) {
+  if (reg.prefix_entries == 0) return 0;
+  return omni::PrefixTable::required_bytes(
+      reg.prefix_entries, std::max<std::uint32_t>(1, reg.state_config.max_backends));
+}
+
 // FNV-1a over the state config: a changed backend or group set needs a fresh zone.
-uint64_t fingerprint(const omni::SharedStateConfig& c) {
+uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entries) {
   uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::string_view s) {
     for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ULL;
     h = (h ^ 0xff) * 0x100000001b3ULL;
   };
   mix(std::to_string(kZoneLayoutVersion));
+  mix(std::to_string(prefix_entries));
   mix(std::to_string(c.max_backends) + "/" + std::to_string(c.max_owners) + "/" +
       std::to_string(c.max_groups));
   for (const omni::BackendSpec& b : c.backends) {
@@ -668,7 +724,21 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
   sc.max_backends = std::max<std::uint32_t>(1, static_cast<std::uint32_t>(sc.backends.size()));
   sc.groups = reg.groups;
   sc.max_groups = static_cast<std::uint32_t>(reg.groups.size());
-  reg.fingerprint = fingerprint(sc);
+  if (reg.prefix_entries > 0) {
+    reg.prefix_entries = mcf->prefix_entries == NGX_CONF_UNSET_UINT ? kDefaultPrefixEntries
+                                                                    : mcf->prefix_entries;
+    for (const Pool& pool : reg.pools) {
+      if (pool.cache_aware && pool.count > omni::PrefixTable::kMaxTenants) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_proxy_policy cache_aware\": upstream \"%V\" has %ud servers; "
+                           "the cache-aware rule handles at most %uz per upstream block",
+                           &pool.uscf->host, static_cast<unsigned>(pool.count),
+                           omni::PrefixTable::kMaxTenants);
+        return static_cast<char*>(NGX_CONF_ERROR);
+      }
+    }
+  }
+  reg.fingerprint = fingerprint(sc, reg.prefix_entries);
   omni::ngx::install_balancer(reg);
   if (!reg.groups.empty() && mcf->zone == nullptr) {
     return conf_error(cf, "\"omni_proxy_max_inflight\" needs \"omni_proxy_zone\": the limits "
@@ -676,11 +746,12 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
   }
 
   if (mcf->zone != nullptr) {
-    const std::size_t need = omni::SharedState::required_bytes(sc) + 4 * ngx_pagesize;
+    const std::size_t need = omni::SharedState::required_bytes(sc) + prefix_table_bytes(reg) +
+                             5 * ngx_pagesize;
     if (mcf->zone->shm.size < need) {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"omni_proxy_zone\": zone \"%V\" of %uz bytes is too small for %uz "
-                         "servers and %uz limit groups; it needs at least %uzk",
+                         "servers, %uz limit groups and the prefix table; it needs at least %uzk",
                          &mcf->zone->shm.name, mcf->zone->shm.size, sc.backends.size(),
                          sc.groups.size(), (need + 1023) / 1024);
       return static_cast<char*>(NGX_CONF_ERROR);
@@ -767,6 +838,79 @@ char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept
 }
 
 // ngx_conf_set_enum_slot, with a message that names the directive and the choices.
+// omni_proxy_policy least_outstanding | upstream | cache_aware [name=value ...]
+char* set_policy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
+  auto* lcf = static_cast<LocConf*>(conf);
+  if (lcf->policy != NGX_CONF_UNSET_UINT) return const_cast<char*>("is duplicate");
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  const std::string_view kind(reinterpret_cast<const char*>(value[1].data), value[1].len);
+  if (kind == "least_outstanding") {
+    lcf->policy = omni::ngx::kPolicyLeastOutstanding;
+  } else if (kind == "upstream") {
+    lcf->policy = omni::ngx::kPolicyUpstream;
+  } else if (kind == "cache_aware") {
+    lcf->policy = omni::ngx::kPolicyCacheAware;
+  } else {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"%V\": invalid value \"%V\"; use one of: least_outstanding, upstream, "
+                       "cache_aware", &cmd->name, &value[1]);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  if (lcf->policy != omni::ngx::kPolicyCacheAware && cf->args->nelts > 2) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V %V\" takes no parameters", &cmd->name,
+                       &value[1]);
+    return static_cast<char*>(NGX_CONF_ERROR);
+  }
+  if (lcf->policy != omni::ngx::kPolicyCacheAware) return NGX_CONF_OK;
+  auto* options = static_cast<omni::CacheAwareOptions*>(
+      ngx_palloc(cf->pool, sizeof(omni::CacheAwareOptions)));
+  auto* prefix = static_cast<omni::PrefixKeyOptions*>(
+      ngx_palloc(cf->pool, sizeof(omni::PrefixKeyOptions)));
+  if (options == nullptr || prefix == nullptr) return static_cast<char*>(NGX_CONF_ERROR);
+  new (options) omni::CacheAwareOptions();
+  new (prefix) omni::PrefixKeyOptions();
+  // Trivially destructible: nothing to clean up with the pool.
+  static_assert(std::is_trivially_destructible_v<omni::CacheAwareOptions> &&
+                std::is_trivially_destructible_v<omni::PrefixKeyOptions>);
+  for (ngx_uint_t i = 2; i < cf->args->nelts; ++i) {
+    const std::string arg(reinterpret_cast<const char*>(value[i].data), value[i].len);
+    const std::size_t eq = arg.find('=');
+    const std::string name = arg.substr(0, eq);
+    const std::string text = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    char* end = nullptr;
+    errno = 0;
+    const double number = text.empty() ? -1 : std::strtod(text.c_str(), &end);
+    const bool numeric = !text.empty() && end != nullptr && *end == '\0' && errno == 0 &&
+                         std::isfinite(number);
+    auto whole = [&](double lo, double hi) {
+      return numeric && number >= lo && number <= hi && number == std::floor(number);
+    };
+    if (name == "cache_threshold" && numeric && number >= 0 && number <= 1) {
+      options->cache_threshold = number;
+    } else if (name == "balance_abs_threshold" && whole(0, 1e9)) {
+      options->balance_abs = static_cast<std::uint32_t>(number);
+    } else if (name == "balance_rel_threshold" && numeric && number >= 1 && number <= 1e6) {
+      options->balance_rel = number;
+    } else if (name == "block_tokens" && whole(1, 4096)) {
+      prefix->block_tokens = static_cast<std::size_t>(number);
+    } else if (name == "block_bytes" && whole(1, 65536)) {
+      prefix->block_bytes = static_cast<std::size_t>(number);
+    } else {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "\"%V cache_aware\": invalid parameter \"%V\"; use cache_threshold=0..1, "
+                         "balance_abs_threshold=N, balance_rel_threshold=>=1, block_tokens=1..4096, "
+                         "block_bytes=1..65536", &cmd->name, &value[i]);
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+  }
+  lcf->cache_aware = options;
+  lcf->prefix = prefix;
+  return NGX_CONF_OK;
+} catch (...) {
+  log_exception(cf->log, "set_policy");
+  return static_cast<char*>(NGX_CONF_ERROR);
+}
+
 char* set_enum(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept {
   auto* field = reinterpret_cast<ngx_uint_t*>(static_cast<char*>(conf) + cmd->offset);
   if (*field != NGX_CONF_UNSET_UINT) return const_cast<char*>("is duplicate");
@@ -843,6 +987,23 @@ ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
   if (shpool->log_ctx == nullptr) return NGX_ERROR;
   ngx_sprintf(shpool->log_ctx, " in omni_proxy_zone \"%V\"%Z", &shm_zone->shm.name);
 
+  // The prefix table first (cache_aware locations), then the largest run of pages left holds
+  // the shared state.
+  if (reg.prefix_entries > 0) {
+    const std::size_t bytes = prefix_table_bytes(reg);
+    void* table = ngx_slab_alloc(shpool, bytes);
+    if (table == nullptr ||
+        omni::PrefixTable::create(table, bytes, reg.prefix_entries,
+                                  std::max<std::uint32_t>(1, reg.state_config.max_backends)) ==
+            nullptr) {
+      ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                    "omni_proxy_zone \"%V\": no room for the prefix table of %uL entries",
+                    &shm_zone->shm.name, reg.prefix_entries);
+      return NGX_ERROR;
+    }
+    hdr->prefix_offset = static_cast<uint64_t>(static_cast<u_char*>(table) - shm_zone->shm.addr);
+    hdr->prefix_bytes = bytes;
+  }
   // The largest run of pages left holds the shared state.
   void* region = nullptr;
   size_t bytes = static_cast<size_t>(shpool->pfree) * ngx_pagesize;
@@ -985,6 +1146,11 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
   if (omni::SharedState* st = omni::ngx::shared_state()) {
     j.update(st->render_status_json());
   }
+  if (const omni::PrefixTable* t = omni::ngx::prefix_table()) {
+    const omni::PrefixTableStats ps = t->stats();
+    j["prefix_table"] = {{"entries", ps.entries}, {"used", ps.used}, {"inserts", ps.inserts},
+                         {"evictions", ps.evictions}, {"contended", ps.contended}};
+  }
   return omni::ngx::send_json(r, NGX_HTTP_OK, j.dump() + "\n");
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_status");
@@ -1011,6 +1177,21 @@ ngx_int_t metrics_handler(ngx_http_request_t* r) noexcept try {
              static_cast<double>(zone->header->generation));
   }
   if (omni::SharedState* st = omni::ngx::shared_state()) st->render_metrics(w);
+  if (const omni::PrefixTable* t = omni::ngx::prefix_table()) {
+    const omni::PrefixTableStats ps = t->stats();
+    const omni::prom::Labels none;
+    w.family("omni_proxy_prefix_table_entries", "gauge",
+             "Capacity of the cache_aware prefix table, in block keys.");
+    w.sample("omni_proxy_prefix_table_entries", none, static_cast<double>(ps.entries));
+    w.family("omni_proxy_prefix_table_used", "gauge", "Entries of the prefix table in use.");
+    w.sample("omni_proxy_prefix_table_used", none, static_cast<double>(ps.used));
+    w.family("omni_proxy_prefix_table_evictions_total", "counter",
+             "Prefix-table entries replaced because their set was full.");
+    w.sample("omni_proxy_prefix_table_evictions_total", none, static_cast<double>(ps.evictions));
+    w.family("omni_proxy_prefix_table_contended_total", "counter",
+             "Prefix-table writes skipped because another worker held the set.");
+    w.sample("omni_proxy_prefix_table_contended_total", none, static_cast<double>(ps.contended));
+  }
   return omni::ngx::send_body(r, NGX_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
                               w.str());
 } catch (...) {

@@ -5,6 +5,7 @@
 
 #include <omni/chat_template.hpp>
 #include <omni/engine_metrics.hpp>
+#include <omni/prefix_table.hpp>
 #include <omni/shared_state.hpp>
 #include <omni/tokenizer.hpp>
 
@@ -33,6 +34,13 @@ enum Engine : ngx_uint_t {
   kEngineSglang = 2,
 };
 
+// Who chooses the server of a leg (omni_proxy_policy).
+enum PolicyKind : ngx_uint_t {
+  kPolicyLeastOutstanding = 1,  // the core policy: fewest outstanding requests over all workers
+  kPolicyUpstream = 2,          // the upstream block's own balancer (round robin, least_conn, ...)
+  kPolicyCacheAware = 3,        // a re-implementation of SGLang's cache-aware rule
+};
+
 // Which leg an upstream request is.
 enum class Leg : std::uint8_t { kNone, kPrefill, kDecode };
 
@@ -47,6 +55,7 @@ struct Pool {
   omni::EngineFlavor flavor = omni::EngineFlavor::kVllm;
   bool flavor_set = false;
   bool sglang_prefill = false;  // prefill pool of a parallel location: learn bootstrap ports
+  bool cache_aware = false;     // a cache_aware location uses it: at most 64 servers
   struct Server {
     std::string name;  // host:port as nginx prints it
     std::string host;  // without the port
@@ -72,7 +81,8 @@ struct Registry {
   std::vector<Pool> pools;
   std::vector<std::string> groups;   // limit group names (locations with limits)
   omni::SharedStateConfig state_config;
-  std::uint64_t fingerprint = 0;     // of state_config; a changed one gets a fresh zone
+  std::uint64_t prefix_entries = 0;  // entries of the shared prefix table; 0: no table
+  std::uint64_t fingerprint = 0;     // of state_config and the table; a change gets a fresh zone
 };
 
 struct MainConf {
@@ -80,6 +90,7 @@ struct MainConf {
   Registry* registry;
   ngx_msec_t poll_interval;  // omni_proxy_poll_interval; 0 disables polling
   ngx_msec_t poll_timeout;   // omni_proxy_poll_timeout
+  ngx_uint_t prefix_entries; // omni_proxy_prefix_table
 };
 
 struct LocConf {
@@ -105,6 +116,10 @@ struct LocConf {
   ngx_flag_t token_forwarding;          // omni_proxy_token_forwarding
   ngx_str_t thread_pool_name;           // omni_proxy_thread_pool
   ngx_thread_pool_t* thread_pool;       // resolved at merge when tokenizing
+  ngx_uint_t policy;                    // omni_proxy_policy: PolicyKind
+  omni::CacheAwareOptions* cache_aware; // its parameters (cache_aware), pool memory
+  omni::PrefixKeyOptions* prefix;       // how prompts are keyed (cache_aware), pool memory
+  ngx_flag_t route_header;              // omni_proxy_route_header
 };
 
 // Logs the exception being handled (call only inside a catch block) as an [alert].
@@ -130,6 +145,8 @@ void proxy_exit_process() noexcept;
 // --- Runtime state of this worker (ngx_http_omni_proxy_module.cpp) --------------------------
 // The shared state view, or null without omni_proxy_zone (or before the worker attached).
 omni::SharedState* shared_state() noexcept;
+// The shared prefix table (cache_aware locations), or null.
+omni::PrefixTable* prefix_table() noexcept;
 // The registry of the running configuration (null without omni_proxy legs).
 const Registry* registry() noexcept;
 const Pool* find_pool(const ngx_http_upstream_srv_conf_t* uscf) noexcept;
@@ -142,10 +159,12 @@ void install_balancer(Registry& registry) noexcept;
 struct PeerChoice {
   std::uint64_t request_hash = 0;
   std::int32_t forced = -1;  // server index within the pool to use, or -1 to let the policy pick
+  const LocConf* lcf = nullptr;             // the location's policy
+  const omni::PrefixKeys* keys = nullptr;   // the prompt's prefix keys (cache_aware)
 };
 // Chooses a server of `pool` for a request now (parallel P/D picks the prefill server before
 // the bodies are built); -1 when none is eligible.
-std::int32_t choose_server(const Pool& pool, std::uint64_t request_hash) noexcept;
+std::int32_t choose_server(const Pool& pool, const PeerChoice& choice) noexcept;
 // Hooks into the request path (proxy_handler.cpp): what the balancer should do for a leg
 // request (false: not an omni_proxy leg, leave nginx's choice alone), and what it chose
 // (`server` within `pool`; -1 when nginx found no live server).
@@ -181,6 +200,9 @@ struct RequestView {
   std::int32_t decode_backend;   // -1 none
 };
 bool request_view(ngx_http_request_t* r, RequestView& out) noexcept;
+// A hash of the prompt's first 256 tokens (or 1024 bytes of text; all of a shorter prompt),
+// for `hash $omni_prefix_key consistent`; false when the request is not ours or not parsed.
+bool prefix_key(ngx_http_request_t* r, std::uint64_t& out) noexcept;
 std::string backend_name(std::int32_t backend);
 
 }  // namespace omni::ngx

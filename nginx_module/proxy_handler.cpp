@@ -33,6 +33,7 @@
 #include <time.h>
 
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <new>
@@ -84,6 +85,8 @@ struct State {
   bool chat_to_completion = false;    // the engines answer a completion: convert it to chat
   std::optional<omni::ChatStreamConverter> converter;
   std::string whole_answer;           // a non-streamed answer being converted
+  // The prompt's prefix keys (cache_aware locations), computed once the body is final.
+  std::optional<omni::PrefixKeys> prefix_keys;
   // Limits.
   Admitted admitted = Admitted::kNone;
   ngx_queue_t queue{};     // in the worker's wait queue of the group while queued
@@ -794,7 +797,11 @@ std::uint64_t random_room() {
 void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
   State& st = *ctx->state;
   const Pool* pool = find_pool(st.lcf->prefill.upstream);
-  const std::int32_t server = pool != nullptr ? choose_server(*pool, st.request_hash) : -1;
+  PeerChoice choice;
+  choice.request_hash = st.request_hash;
+  choice.lcf = st.lcf;
+  choice.keys = st.prefix_keys ? &*st.prefix_keys : nullptr;
+  const std::int32_t server = pool != nullptr ? choose_server(*pool, choice) : -1;
   if (server < 0) {
     ngx_http_finalize_request(
         r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, "no prefill server is available", {}, 1));
@@ -1145,7 +1152,11 @@ void tokenized(ngx_http_request_t* r) noexcept try {
 
 // Tokenized (or not tokenizing): the lifecycle moves on and the request asks for its place.
 void after_tokenize(ngx_http_request_t* r, State& st) {
-  // The APC match stage is not implemented yet: it takes no time.
+  // The cache-aware rule keys the prompt as the engines will see it (token ids when the proxy
+  // tokenized it). The APC match stage proper is not implemented yet: it takes no time.
+  if (st.lcf->policy == kPolicyCacheAware && st.parsed && st.lcf->prefix != nullptr) {
+    st.prefix_keys.emplace(omni::prefix_keys_of(*st.parsed, *st.lcf->prefix));
+  }
   const std::uint64_t now = omni::monotonic_now_ns();
   enter(st, omni::Stage::kTokenized, now);
   enter(st, omni::Stage::kApcMatched, now);
@@ -1213,10 +1224,35 @@ void start_converting(ngx_http_request_t* r, Ctx* ctx) {
   }
 }
 
+// omni_proxy_route_header: the servers that served the request, on the client's answer.
+ngx_int_t add_route_headers(ngx_http_request_t* r, const State& st) {
+  const std::pair<const char*, std::int32_t> headers[] = {
+      {"X-Omni-Prefill-Peer", st.prefill_backend}, {"X-Omni-Decode-Peer", st.decode_backend}};
+  for (const auto& [name, backend] : headers) {
+    const std::string value = backend_name(backend);
+    if (value.empty()) continue;
+    auto* h = static_cast<ngx_table_elt_t*>(ngx_list_push(&r->headers_out.headers));
+    if (h == nullptr) return NGX_ERROR;
+    h->hash = 1;
+    h->key.data = reinterpret_cast<u_char*>(const_cast<char*>(name));
+    h->key.len = std::strlen(name);
+    h->value.data = static_cast<u_char*>(ngx_pnalloc(r->pool, value.size()));
+    if (h->value.data == nullptr) return NGX_ERROR;
+    ngx_memcpy(h->value.data, value.data(), value.size());
+    h->value.len = value.size();
+  }
+  return NGX_OK;
+}
+
 ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   if (r == r->main) {
     Ctx* ctx = get_ctx(r);
-    if (ctx != nullptr && ctx->state != nullptr) start_converting(r, ctx);
+    if (ctx != nullptr && ctx->state != nullptr) {
+      start_converting(r, ctx);
+      if (ctx->state->lcf->route_header && add_route_headers(r, *ctx->state) != NGX_OK) {
+        return NGX_ERROR;
+      }
+    }
   }
   // Requests of omni_proxy locations, whether or not our handler ran yet: nginx checks some
   // limits (client_max_body_size) before any content handler.
@@ -1541,6 +1577,8 @@ bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept {
   if (ctx == nullptr || ctx->state == nullptr || ctx->leg == Leg::kNone) return false;
   out.request_hash = ctx->state->request_hash;
   out.forced = ctx->leg == Leg::kPrefill ? ctx->forced : -1;
+  out.lcf = ctx->state->lcf;
+  out.keys = ctx->state->prefix_keys ? &*ctx->state->prefix_keys : nullptr;
   return true;
 }
 
@@ -1583,6 +1621,27 @@ void leg_peer_released(ngx_http_request_t* r, const Pool& pool, std::int32_t ser
   if (omni::SharedState* ss = shared_state()) {
     ss->count_error(static_cast<std::uint16_t>(pool.base + server));
   }
+}
+
+bool prefix_key(ngx_http_request_t* r, std::uint64_t& out) noexcept try {
+  Ctx* ctx = get_ctx(r->main);
+  if (ctx == nullptr || ctx->state == nullptr || !ctx->state->parsed) return false;
+  // The first 256 tokens (1024 bytes of text), or the whole of a shorter prompt: the key of
+  // SGLang's prefix_hash policy (prefix_token_count 256).
+  omni::PrefixKeyOptions o;
+  o.block_tokens = 256;
+  o.block_bytes = 1024;
+  o.max_blocks = 1;
+  omni::PrefixKeys keys = omni::prefix_keys_of(*ctx->state->parsed, o);
+  if (keys.blocks.empty() && keys.units > 0) {
+    o.block_tokens = keys.units;
+    o.block_bytes = keys.units;
+    keys = omni::prefix_keys_of(*ctx->state->parsed, o);
+  }
+  out = keys.blocks.empty() ? 0 : keys.blocks.front();
+  return true;
+} catch (...) {
+  return false;
 }
 
 bool request_view(ngx_http_request_t* r, RequestView& out) noexcept {

@@ -12,6 +12,8 @@
 //   $omni_token_forwarding    how the prompt reached the engines when the proxy tokenized it:
 //                             "forwarded" (token ids) or why it went as text ("tools", ...)
 //   $omni_tokenize_ms         time the proxy spent rendering and tokenizing (thread pool)
+//   $omni_prefix_key          16 hex digits hashing the prompt's first 256 tokens (1024 bytes
+//                             of text), for `hash $omni_prefix_key consistent;`
 // A variable is empty ("-" in logs) when the request did not reach that point.
 #include "omni_module.hpp"
 
@@ -36,6 +38,7 @@ enum Var : uintptr_t {
   kOutputTokens,
   kTokenForwarding,
   kTokenizeMs,
+  kPrefixKey,
 };
 
 ngx_int_t set_value(ngx_http_request_t* r, ngx_http_variable_value_t* v, const std::string& s) {
@@ -72,6 +75,13 @@ std::optional<std::uint64_t> stage_ns(const omni::Timeline& t, omni::Stage s) {
 }
 
 ngx_int_t get(ngx_http_request_t* r, ngx_http_variable_value_t* v, uintptr_t data) noexcept try {
+  if (data == kPrefixKey) {
+    std::uint64_t key = 0;
+    if (!prefix_key(r, key)) return set_value(r, v, {});
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(key));
+    return set_value(r, v, hex);
+  }
   RequestView view{};
   if (!request_view(r, view)) {
     v->not_found = 1;
@@ -129,6 +139,8 @@ ngx_int_t get(ngx_http_request_t* r, ngx_http_variable_value_t* v, uintptr_t dat
       return set_value(r, v, view.forward_reason < 0
                                  ? std::string()
                                  : ms(static_cast<double>(view.tokenize_wall_ns)));
+    case kPrefixKey:
+      break;  // answered above
   }
   return set_value(r, v, {});
 } catch (...) {
@@ -149,7 +161,7 @@ ngx_int_t add_variables(ngx_conf_t* cf) noexcept try {
       {"omni_tpot_ms", kTpot},             {"omni_prefill_peer", kPrefillPeer},
       {"omni_decode_peer", kDecodePeer},   {"omni_prompt_tokens", kPromptTokens},
       {"omni_output_tokens", kOutputTokens}, {"omni_token_forwarding", kTokenForwarding},
-      {"omni_tokenize_ms", kTokenizeMs},
+      {"omni_tokenize_ms", kTokenizeMs},   {"omni_prefix_key", kPrefixKey},
   };
   for (std::size_t i = 0; i + 1 < omni::kStageCount; ++i) {
     defs.push_back({"omni_stage_" + std::string(omni::stage_name(*omni::stage_at(i))) + "_ms", i});
