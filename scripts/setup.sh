@@ -14,6 +14,7 @@ DEB_PACKAGES=(
   wrk nghttp2-client
   prometheus
   python3 python3-zmq python3-msgpack
+  python3-matplotlib
 )
 # Node.js: the machine image may ship its own build (which bundles npm and conflicts with
 # Debian's npm package), so Debian's are installed only when the commands are missing.

@@ -1,0 +1,53 @@
+"""bench/scenario.py, the routing-scenario driver, end to end on a tiny slice: it starts the
+omni-sim P/D cluster and nginx per system, replays a 20 s Mooncake slice with omni-bench, and
+writes results.json, report.md and the plots. Keeps the benchmark's command from rotting; the
+figures themselves are for docs/benchmarks.md, not asserted here beyond sanity."""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import unittest
+
+SOURCE = os.environ.get("OMNI_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+BINARY = os.environ.get("OMNI_BINARY_DIR", "")
+
+
+class ScenarioTest(unittest.TestCase):
+    def test_quick_scenario_runs_every_system_and_reports(self):
+        if not os.path.exists(os.path.join(BINARY, "nginx-build", "objs",
+                                           "ngx_http_omni_proxy_module.so")):
+            raise unittest.SkipTest("needs the module build (OMNI_BINARY_DIR)")
+        out = tempfile.mkdtemp(prefix="omni-scenario-test-")
+        try:
+            systems = "omni,round_robin,hash_prefix,sglang_cache_aware"
+            r = subprocess.run(["/usr/bin/python3", os.path.join(SOURCE, "bench", "scenario.py"),
+                                "--build", BINARY, "--quick", "--traces", "mooncake",
+                                "--systems", systems, "--out", out],
+                               capture_output=True, text=True, timeout=240)
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            with open(os.path.join(out, "results.json")) as f:
+                results = json.load(f)
+            runs = results["runs"]
+            self.assertEqual(sorted(x["system"] for x in runs), sorted(systems.split(",")))
+            for run in runs:
+                s = run["summary"]
+                self.assertEqual(s["requests"]["errors"], 0, (run["system"], s["error_samples"]))
+                self.assertEqual(s["requests"]["ok"], s["requests"]["scheduled"])
+                self.assertEqual(s["nginx_bad_log_lines"], [])
+                # Every answer named its servers, and all four prefill instances served.
+                self.assertEqual(s["peers"]["prefill"]["absent"], 0)
+                self.assertEqual(len(s["peers"]["prefill"]["counts"]), 4, run["system"])
+                self.assertGreaterEqual(s["prefill_hit_rate"], 0.0)
+            self.assertGreater(results["oracles"]["mooncake"]["oracle_hit_rate"], 0.0)
+            with open(os.path.join(out, "report.md")) as f:
+                report = f.read()
+            self.assertIn("SGLang cache-aware rule (re-implemented)", report)
+            for name in ("ttft_cdf_mooncake.svg", "load_mooncake.svg", "hit_rate_mooncake.svg"):
+                self.assertTrue(os.path.getsize(os.path.join(out, name)) > 1000, name)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
