@@ -2,6 +2,7 @@
 
 #include <boost/beast/http.hpp>
 
+#include <limits>
 #include <optional>
 
 namespace omni::replay {
@@ -75,7 +76,9 @@ void Exchange::connect() {
 void Exchange::send() {
   conn_->stream.expires_at(deadline_);
   msg_->parser.emplace();
-  msg_->parser->body_limit(boost::none);  // the reader bounds what it keeps
+  // No limit: the reader bounds what it keeps. (Not boost::none, which Boost 1.74 compares as
+  // smaller than any Content-Length.)
+  msg_->parser->body_limit(std::numeric_limits<std::uint64_t>::max());
   bhttp::async_write(conn_->stream, msg_->req,
                      [self = shared_from_this()](beast::error_code ec, std::size_t) {
                        if (ec) return self->retry_stale(ec) ? void() : self->fail(ec, "write");

@@ -75,6 +75,7 @@ class Runner {
   void on_timer();
   void due(std::size_t i);
   void launch(std::size_t i, bool waited);
+  std::string take_body(std::size_t i);
   void ended();
   double seconds_since_start(Clock::time_point t) const;
 
@@ -91,6 +92,9 @@ class Runner {
   std::size_t in_flight_ = 0;
   std::size_t ended_ = 0;  // finished, dropped or not sent
   std::unordered_map<std::size_t, std::weak_ptr<Exchange>> exchanges_;  // in flight
+  // The next request's body, built while waiting for it to become due.
+  std::optional<std::size_t> prepared_index_;
+  std::string prepared_body_;
   bool stopping_ = false;
 };
 

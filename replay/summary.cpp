@@ -68,9 +68,10 @@ std::string csv_field(const std::string& s) {
   return out + "\"";
 }
 
-std::string csv_number(double v) {
+// Milliseconds to the microsecond, seconds to the microsecond.
+std::string csv_number(double v, int decimals = 3) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3f", v);
+  std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
   return buf;
 }
 
@@ -244,8 +245,8 @@ void write_csv(std::ostream& out, const RunResult& run, double time_scale) {
   auto count = [](std::int64_t v) { return v < 0 ? std::string() : std::to_string(v); };
   for (const auto& r : run.records) {
     const auto t = tpot_ms(r);
-    out << r.index << ',' << csv_number(r.trace_s) << ',' << csv_number(r.scheduled_s) << ','
-        << (r.start_s < 0 ? std::string() : csv_number(r.start_s)) << ','
+    out << r.index << ',' << csv_number(r.trace_s, 6) << ',' << csv_number(r.scheduled_s, 6) << ','
+        << (r.start_s < 0 ? std::string() : csv_number(r.start_s, 6)) << ','
         << (r.start_s < 0 ? std::string() : csv_number(r.lateness_ms)) << ',' << r.late << ','
         << r.waited << ',' << r.outcome << ',' << r.status << ',' << model(r.ttft_ms) << ','
         << (t ? model(*t) : std::string()) << ',' << model(r.e2e_ms) << ',' << r.itl_count << ','

@@ -79,7 +79,7 @@ std::uint32_t LengthDist::sample(SplitMix64& rng) const {
     case Kind::kFixed:
       break;
     case Kind::kUniform:
-      v = std::floor(a + rng.uniform() * (std::floor(b) - std::ceil(a) + 1));
+      v = std::ceil(a) + std::floor(rng.uniform() * (std::floor(b) - std::ceil(a) + 1));
       break;
     case Kind::kLognormal: {
       // Mean m and cv c: sigma^2 = ln(1 + c^2), mu = ln(m) - sigma^2 / 2.

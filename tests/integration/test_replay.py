@@ -1,0 +1,327 @@
+"""omni-bench (replay/) against real omni-sim processes: Mooncake and Azure trace slices, a
+synthetic shared-prefix workload, error recording, and open-loop behaviour under a concurrency
+cap. omni-sim runs 100x faster than real time (--time-scale 0.01) or 10x for the timing tests.
+
+The traces come from the shared data folder (OMNI_DATA_DIR, else ../shared/data next to the
+source tree, else /work/shared/data); tests that need a missing trace are skipped.
+"""
+import csv
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+import simlib
+
+BENCH = os.environ.get("OMNI_BENCH") or os.path.join(os.environ.get("OMNI_BINARY_DIR", ""),
+                                                     "replay", "omni-bench")
+
+
+def trace_path(name):
+    for base in (os.environ.get("OMNI_DATA_DIR"),
+                 os.path.join(simlib.SOURCE_DIR, "..", "shared", "data"), "/work/shared/data"):
+        if base and os.path.exists(os.path.join(base, "traces", name)):
+            return os.path.abspath(os.path.join(base, "traces", name))
+    raise unittest.SkipTest(name + " not found: set OMNI_DATA_DIR to the shared data folder")
+
+
+def run_bench(*args, expect_status=0, timeout=60):
+    """Runs omni-bench; returns (summary from --summary, CSV rows, completed process)."""
+    if not os.path.exists(BENCH):
+        raise unittest.SkipTest("omni-bench not built (OMNI_BENCH)")
+    with tempfile.TemporaryDirectory(prefix="omni-bench-test-") as d:
+        summary_path, csv_path = os.path.join(d, "summary.json"), os.path.join(d, "requests.csv")
+        cmd = [BENCH, "--summary", summary_path, "--csv", csv_path] + [str(a) for a in args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != expect_status:
+            raise AssertionError("omni-bench exited %d:\n%s\n%s" % (p.returncode, p.stdout, p.stderr))
+        if expect_status != 0:
+            return None, None, p
+        with open(summary_path) as f:
+            summary = json.load(f)
+        rows = []
+        if os.path.exists(csv_path):
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        # stdout carries the same summary as one JSON line
+        assert json.loads(p.stdout) == summary
+        return summary, rows, p
+
+
+def mooncake_shared_tokens(lines, block=512, engine_block=16):
+    """For each request, the prompt tokens an ideal cache holding every earlier request could
+    hit: the longest block-id prefix shared with an earlier request, in tokens, within full
+    engine blocks and short of the last prompt token (as the engines cap it)."""
+    out = []
+    for i, r in enumerate(lines):
+        best = 0
+        for p in lines[:i]:
+            common = 0
+            for b, (x, y) in enumerate(zip(r["hash_ids"], p["hash_ids"])):
+                if x != y:
+                    break
+                len_r = min(block, r["input_length"] - b * block)
+                len_p = min(block, p["input_length"] - b * block)
+                common += min(len_r, len_p)
+                if len_r < block or len_p < block:
+                    break
+            best = max(best, common)
+        cap = (r["input_length"] - 1) // engine_block * engine_block
+        out.append(min(best // engine_block * engine_block, cap))
+    return out
+
+
+class ReplayAgainstSim(unittest.TestCase):
+    """One fast omni-sim for the trace and synthetic replays; each test empties its cache."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.sim = simlib.Sim("--profile", "fast", "--time-scale", "0.01",
+                             "--max-model-len", "200000", "--num-blocks", "200000", duration=120)
+        cls.target = "http://127.0.0.1:%d" % cls.sim.port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sim.stop()
+
+    def setUp(self):
+        self.assertEqual(simlib.post(self.sim.port(), "/reset_prefix_cache", "").status, 200)
+
+    def test_mooncake_slice(self):
+        path = trace_path("mooncake_synthetic_trace.jsonl")
+        with open(path) as f:
+            lines = [json.loads(next(f)) for _ in range(80)]
+        s, rows, p = run_bench("--trace", "mooncake:" + path, "--limit", 80, "--speedup", 20,
+                               "--time-scale", 0.01, "--target", self.target, "--label", "mc",
+                               "--peer-header-decode", "X-Request-Id",
+                               "--oracle-capacity-blocks", 200000, "--oracle-block-size", 16)
+        self.assertIn("replaying 80 requests", p.stderr)
+        self.assertEqual(s["label"], "mc")
+        self.assertEqual(s["trace"]["source"], "mooncake")
+        self.assertEqual(s["trace"]["limit"], 80)
+        self.assertEqual(s["time_scale"], 0.01)
+        self.assertEqual(s["speedup"], 20)
+        req = s["requests"]
+        self.assertEqual((req["scheduled"], req["sent"], req["ok"], req["errors"], req["dropped"]),
+                         (80, 80, 80, 0, 0))
+        self.assertEqual(req["errors_by_kind"], {})
+        for k in ("p50", "p99", "max"):
+            self.assertIsNotNone(req["lateness_ms"][k])
+        self.assertLess(req["connections_opened"], 80)  # keep-alive connections are reused
+        for metric in ("ttft", "tpot", "itl", "e2e"):
+            for k in ("mean", "p50", "p90", "p99"):
+                self.assertIsNotNone(s["latency_ms"][metric][k], metric + " " + k)
+        # Model time: the fast profile's steps alone take 2 ms of model time, 0.02 ms of wall.
+        self.assertGreater(s["latency_ms"]["ttft"]["p50"], 2)
+        self.assertAlmostEqual(s["duration_s"], s["wall_duration_s"] / 0.01, places=6)
+        self.assertEqual(s["throughput"]["input_tokens_per_s"],
+                         s["prefix_cache"]["prompt_tokens"] / s["duration_s"])
+        self.assertEqual(s["goodput"]["fraction"], 1.0)
+
+        # One CSV row per request, lengths as in the trace, the engine's usage.
+        self.assertEqual(len(rows), 80)
+        for line, row in zip(lines, rows):
+            self.assertEqual(row["outcome"], "ok")
+            self.assertEqual(int(row["input_tokens"]), line["input_length"])
+            self.assertEqual(int(row["prompt_tokens"]), line["input_length"])
+            self.assertEqual(int(row["completion_tokens"]), line["output_length"])
+            self.assertEqual(row["decode_peer"], "bench-" + row["index"])  # the echoed header
+            self.assertEqual(row["prefill_peer"], "")
+        self.assertEqual(s["peers"]["prefill"]["absent"], 80)
+        self.assertEqual(len(s["peers"]["decode"]["counts"]), 80)
+
+        # Equal hash ids are equal prompt prefixes at the engine: each request's cached tokens
+        # are what it shares with the requests before it.
+        expected = mooncake_shared_tokens(lines)
+        cached = [int(r["cached_tokens"]) for r in rows]
+        self.assertGreater(sum(expected), 0)
+        self.assertGreater(sum(c > 0 for c in cached), 0)
+        for i, (c, e) in enumerate(zip(cached, expected)):
+            self.assertLessEqual(c, e, "request %d hit more than it shares" % i)
+        self.assertGreaterEqual(sum(cached), 0.9 * sum(expected))
+        self.assertAlmostEqual(s["prefix_cache"]["hit_rate"],
+                               sum(cached) / sum(int(r["prompt_tokens"]) for r in rows))
+        # An unbounded ideal cache of the engine's block size hits what the engine hit (requests
+        # do not overlap much at this speed).
+        self.assertAlmostEqual(s["oracle_hit_rate"], s["prefix_cache"]["hit_rate"], delta=0.01)
+
+    def test_azure_slice_text_prompts(self):
+        path = trace_path("azure_code_trace.csv")
+        s, rows, _ = run_bench("--trace", "azure:" + path, "--start", 10, "--window", 30,
+                               "--limit", 50, "--speedup", 50, "--time-scale", 0.01,
+                               "--prompt-mode", "text", "--target", self.target)
+        self.assertEqual(s["trace"]["source"], "azure")
+        self.assertEqual(s["trace"]["start_s"], 10)
+        self.assertEqual(s["prompt_mode"], "text")
+        n = s["requests"]["scheduled"]
+        self.assertGreater(n, 20)
+        self.assertLessEqual(n, 50)
+        self.assertEqual(s["requests"]["ok"], n)
+        self.assertEqual(len(rows), n)
+        for row in rows:
+            # One word per token with omni-sim's stand-in tokenizer; no prefix shared.
+            self.assertEqual(int(row["prompt_tokens"]), int(row["input_tokens"]))
+            self.assertEqual(int(row["cached_tokens"]), 0)
+            self.assertEqual(int(row["completion_tokens"]), int(row["output_tokens"]))
+        self.assertEqual(s["prefix_cache"]["hit_rate"], 0)
+
+    def test_synthetic_shared_prefixes(self):
+        spec = ("requests=60,rate=100,arrival=fixed,input=uniform:20:40,output=3,prefixes=2,"
+                "prefix_len=512,users=3,turns=3")
+        s, rows, _ = run_bench("--synthetic", spec, "--time-scale", 0.01,
+                               "--target", self.target, "--oracle-capacity-blocks", 100000,
+                               "--oracle-block-size", 16)
+        self.assertEqual(s["trace"]["source"], "synthetic")
+        self.assertEqual(s["trace"]["spec"], spec)
+        self.assertEqual(s["requests"]["ok"], 60)
+        # Two system prompts of 512 tokens: every request but the first of each hits at least
+        # the system prompt, later turns their conversation's earlier prompt too.
+        cached = sorted(int(r["cached_tokens"]) for r in rows)
+        self.assertEqual(cached[:2], [0, 0])
+        self.assertGreaterEqual(sum(c >= 512 for c in cached), 56)
+        # Longer than any first turn (512 + at most 40): a later turn, which also hits the
+        # previous turn's prompt (at least 532 tokens, 528 in full blocks of 16).
+        later = [r for r in rows if int(r["input_tokens"]) > 552]
+        self.assertGreater(len(later), 10)
+        for r in later:
+            self.assertGreaterEqual(int(r["cached_tokens"]), 528)
+        self.assertGreater(s["prefix_cache"]["hit_rate"], 0.7)
+        self.assertAlmostEqual(s["oracle_hit_rate"], s["prefix_cache"]["hit_rate"], delta=0.02)
+
+        # The same spec as chat messages, non-streamed.
+        s, rows, _ = run_bench("--synthetic", spec, "--limit", 12, "--time-scale", 0.01,
+                               "--api", "chat", "--no-stream", "--seed", 5,
+                               "--target", self.target)
+        self.assertEqual((s["api"], s["prompt_mode"], s["stream"]), ("chat", "text", False))
+        self.assertEqual(s["requests"]["ok"], 12)
+        self.assertEqual(s["latency_ms"]["tpot"]["count"], 0)  # no stream, no TPOT
+        self.assertEqual(s["latency_ms"]["ttft"]["p50"], s["latency_ms"]["e2e"]["p50"])
+        self.assertGreater(s["prefix_cache"]["cached_tokens"], 0)
+        for r in rows:
+            self.assertEqual(int(r["completion_tokens"]), 3)
+            # the chat template's role markers come on top of the words
+            self.assertGreater(int(r["prompt_tokens"]), int(r["input_tokens"]))
+
+
+class ReplayErrors(unittest.TestCase):
+
+    def test_engine_errors_and_timeouts_are_recorded(self):
+        with simlib.Sim("--time-scale", "0.01", "--fault-error-rate", "0.25",
+                        "--fault-hang-rate", "0.1", "--seed", "3", duration=60) as sim:
+            s, rows, _ = run_bench("--synthetic", "requests=40,rate=200,input=64,output=4",
+                                   "--time-scale", 0.01, "--timeout", 1,
+                                   "--target", "http://127.0.0.1:%d" % sim.port())
+        req = s["requests"]
+        kinds = req["errors_by_kind"]
+        self.assertEqual(set(kinds), {"http_500", "timeout"})
+        self.assertTrue(3 <= kinds["http_500"] <= 20, kinds)
+        self.assertTrue(1 <= kinds["timeout"] <= 10, kinds)
+        self.assertEqual(req["ok"] + req["errors"], 40)
+        self.assertEqual(req["errors"], sum(kinds.values()))
+        samples = s["error_samples"]
+        self.assertTrue(1 <= len(samples) <= 5)
+        self.assertIn("http_500", {e["kind"] for e in samples})
+        body = next(e for e in samples if e["kind"] == "http_500")
+        self.assertEqual(body["status"], 500)
+        self.assertIn("error", json.loads(body["error"]))
+        failed = [r for r in rows if r["outcome"] == "http_500"]
+        self.assertEqual(len(failed), kinds["http_500"])
+        self.assertTrue(all(r["status"] == "500" and r["error"] for r in failed))
+        self.assertTrue(all(r["error"].startswith("no complete response")
+                            for r in rows if r["outcome"] == "timeout"))
+        # Latencies come from the successful requests only.
+        self.assertEqual(s["latency_ms"]["ttft"]["count"], req["ok"])
+
+    def test_unreachable_target(self):
+        port = simlib.free_port()
+        s, rows, _ = run_bench("--synthetic", "requests=3,rate=100,input=8,output=2",
+                               "--target", "http://127.0.0.1:%d" % port)
+        self.assertEqual(s["requests"]["errors_by_kind"], {"connect": 3})
+        self.assertTrue(rows[0]["error"].startswith("connect: "))
+
+    def test_bad_command_lines_and_traces(self):
+        _, _, p = run_bench("--synthetic", "requests=3,rate=1", "--target", "http://x",
+                            expect_status=2)
+        self.assertIn("--target", p.stderr)
+        _, _, p = run_bench("--synthetic", "requests=3,rate=1,colour=red", "--dry-run",
+                            expect_status=2)
+        self.assertIn('unknown key "colour"', p.stderr)
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+            f.write('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n')
+            f.write('{"timestamp": 5, "input_length": 10}\n')
+            f.flush()
+            _, _, p = run_bench("--trace", "mooncake:" + f.name, "--dry-run", expect_status=1)
+            self.assertIn(f.name + ":2: missing \"output_length\"", p.stderr)
+            s, _, _ = run_bench("--trace", "mooncake:" + f.name, "--dry-run", "--skip-bad-lines")
+            self.assertEqual((s["trace"]["requests"], s["trace"]["skipped_lines"]), (1, 1))
+
+    def test_dry_run_sends_nothing(self):
+        path = trace_path("mooncake_synthetic_trace.jsonl")
+        s, rows, _ = run_bench("--trace", "mooncake:" + path, "--dry-run",
+                               "--oracle-capacity-blocks", 1000000)
+        self.assertTrue(s["dry_run"])
+        self.assertEqual(s["workload"]["requests"], 3993)
+        self.assertAlmostEqual(s["workload"]["span_s"], 1022.025)
+        self.assertAlmostEqual(s["workload"]["input_tokens"]["mean"], 15325.48, places=1)
+        # 64% of the block references repeat an earlier block (the trace's own figure).
+        self.assertAlmostEqual(s["workload"]["repeat_token_fraction"], 0.65, delta=0.02)
+        self.assertTrue(0.4 < s["oracle_hit_rate"] <= s["workload"]["repeat_token_fraction"])
+        self.assertEqual(rows, [])
+
+
+class ReplayOpenLoop(unittest.TestCase):
+    """Requests due faster than one connection serves them: late starts are reported, not
+    hidden by serialising the schedule."""
+
+    @classmethod
+    def setUpClass(cls):
+        # 10x faster than real time: 60 output tokens take about 60 x 0.2 ms = 12 ms.
+        cls.sim = simlib.Sim("--profile", "fast", "--time-scale", "0.1", duration=60)
+        cls.target = "http://127.0.0.1:%d" % cls.sim.port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sim.stop()
+
+    def test_concurrency_cap_reports_late_starts(self):
+        # Due every 2 ms, served one at a time in about 12 ms each.
+        s, rows, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+                               "--max-concurrency", 1, "--time-scale", 0.1,
+                               "--target", self.target)
+        req = s["requests"]
+        self.assertEqual(req["ok"], 20)
+        self.assertGreaterEqual(req["late"], 15)
+        self.assertGreaterEqual(req["waited_for_slot"], 15)
+        self.assertGreater(req["lateness_ms"]["max"], 100)  # wall ms
+        self.assertGreater(req["lateness_ms"]["p99"], req["lateness_ms"]["p50"])
+        # The schedule was 38 ms long; the run took the serial time.
+        self.assertGreater(s["wall_duration_s"], 0.2)
+        for r in rows:
+            start, scheduled = float(r["start_s"]), float(r["scheduled_s"])
+            self.assertAlmostEqual(float(r["lateness_ms"]), (start - scheduled) * 1000, delta=0.01)
+        self.assertAlmostEqual(float(rows[1]["scheduled_s"]), 0.002, places=6)
+
+    def test_max_lateness_drops_requests(self):
+        s, rows, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+                               "--max-concurrency", 1, "--max-lateness", 30, "--time-scale", 0.1,
+                               "--target", self.target)
+        req = s["requests"]
+        self.assertGreater(req["dropped"], 5)
+        self.assertEqual(req["sent"] + req["dropped"], 20)
+        self.assertEqual(req["ok"], req["sent"])
+        self.assertLessEqual(req["lateness_ms"]["max"], 30 + 5)
+        self.assertEqual(sum(r["outcome"] == "dropped" for r in rows), req["dropped"])
+        self.assertLess(s["goodput"]["fraction"], 1)
+
+    def test_no_cap_starts_on_time(self):
+        s, _, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+                            "--time-scale", 0.1, "--target", self.target)
+        req = s["requests"]
+        self.assertEqual(req["ok"], 20)
+        self.assertEqual(req["waited_for_slot"], 0)
+        self.assertLessEqual(req["late"], 3)  # only if this machine stalls the client
+
+
+if __name__ == "__main__":
+    unittest.main()
