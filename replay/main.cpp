@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   }
 
   nlohmann::ordered_json summary;
+  int interrupted_by = 0;  // the signal that ended the run early
   if (o.dry_run) {
     summary["label"] = o.label;
     summary["dry_run"] = true;
@@ -90,8 +91,10 @@ int main(int argc, char** argv) {
               << ") to " << o.target << "\n";
     Runner runner(io, o.run, workload, prompts);
     boost::asio::signal_set signals(io, SIGINT, SIGTERM);
-    signals.async_wait([&](boost::system::error_code e, int) {
-      if (!e) runner.interrupt();
+    signals.async_wait([&](boost::system::error_code e, int signal) {
+      if (e) return;
+      interrupted_by = signal;
+      runner.interrupt();
     });
     const RunResult result = runner.run();
     signals.cancel();
@@ -120,5 +123,5 @@ int main(int argc, char** argv) {
   if (summary_file.is_open() && !(summary_file << text(2) << "\n" && summary_file.flush())) {
     die(1, "--summary: write error on " + o.summary_path);
   }
-  return 0;
+  return interrupted_by ? 128 + interrupted_by : 0;
 }

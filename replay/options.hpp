@@ -24,7 +24,7 @@ struct Options {
   std::uint16_t target_port = 0;
   std::string trace;      // KIND:PATH
   std::string synthetic;  // KEY=VAL,...
-  TraceSlice slice;
+  TraceOptions slice;
   RunConfig run;  // endpoint is resolved later, from target_host/target_port
   PromptConfig prompt;
   double time_scale = 1;

@@ -48,9 +48,9 @@ class PromptBuilder {
   // escaping is needed).
   void append_text(const Request& r, std::string& out) const;
 
+ private:
   static std::string_view word(std::uint64_t hash) noexcept;
 
- private:
   std::uint64_t hash(std::uint64_t segment, std::uint32_t position) const noexcept {
     return SplitMix64::mix3(config_.seed, segment, position);
   }

@@ -82,7 +82,7 @@ std::optional<double> tpot_ms(const RequestRecord& r) {
   return (r.e2e_ms - r.ttft_ms) / static_cast<double>(r.completion_tokens - 1);
 }
 
-ojson trace_json(const Workload& w, const TraceSlice& slice) {
+ojson trace_json(const Workload& w, const TraceOptions& slice) {
   ojson j;
   j["source"] = w.source;
   j[w.source == "synthetic" ? "spec" : "path"] = w.path;

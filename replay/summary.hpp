@@ -20,7 +20,7 @@ struct SummaryInputs {
   std::string label;
   std::string target;
   RunConfig config;
-  TraceSlice slice;
+  TraceOptions slice;
   double time_scale = 1;
   std::optional<double> slo_ttft_ms;  // model time
   std::optional<double> slo_tpot_ms;
@@ -32,7 +32,7 @@ struct SummaryInputs {
 std::optional<double> tpot_ms(const RequestRecord& r);
 
 // The trace's source, file and slice.
-nlohmann::ordered_json trace_json(const Workload& workload, const TraceSlice& slice);
+nlohmann::ordered_json trace_json(const Workload& workload, const TraceOptions& slice);
 // Lengths, arrival rate and prompt reuse of a workload (for --dry-run).
 nlohmann::ordered_json workload_json(const Workload& workload);
 // {"oracle_hit_rate": x, "oracle": {...}} fields, added to `out`.

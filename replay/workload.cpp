@@ -16,7 +16,7 @@ namespace {
 // Keeps the requests of a slice, offered in arrival order, and re-bases them.
 class Slicer {
  public:
-  explicit Slicer(const TraceSlice& slice) : slice_(slice) {}
+  explicit Slicer(const TraceOptions& slice) : slice_(slice) {}
 
   // Returns false once nothing later can be kept (past the window, or the limit reached), so
   // reading can stop early.
@@ -36,7 +36,7 @@ class Slicer {
   }
 
  private:
-  TraceSlice slice_;
+  TraceOptions slice_;
   std::vector<Request> kept_;
 };
 
@@ -44,7 +44,7 @@ class Slicer {
 // checks, bad-line handling and the early stop are the same.
 class SliceReader {
  public:
-  SliceReader(const std::string& name, const TraceSlice& slice)
+  SliceReader(const std::string& name, const TraceOptions& slice)
       : name_(name), skip_bad_lines_(slice.skip_bad_lines), slicer_(slice) {}
 
   [[noreturn]] void fail(std::uint64_t line, const std::string& why) const {
@@ -185,7 +185,7 @@ std::string trim(std::string s) {
 
 }  // namespace
 
-Workload read_mooncake(std::istream& in, const std::string& name, const TraceSlice& slice) {
+Workload read_mooncake(std::istream& in, const std::string& name, const TraceOptions& slice) {
   SliceReader reader(name, slice);
   std::string line;
   std::uint64_t n = 0;
@@ -208,7 +208,7 @@ Workload read_mooncake(std::istream& in, const std::string& name, const TraceSli
   return reader.finish("mooncake");
 }
 
-Workload read_azure(std::istream& in, const std::string& name, const TraceSlice& slice) {
+Workload read_azure(std::istream& in, const std::string& name, const TraceOptions& slice) {
   SliceReader reader(name, slice);
   std::string line;
   std::uint64_t n = 0;
@@ -260,7 +260,7 @@ Workload read_azure(std::istream& in, const std::string& name, const TraceSlice&
   return reader.finish("azure");
 }
 
-Workload load_trace(const std::string& spec, const TraceSlice& slice) {
+Workload load_trace(const std::string& spec, const TraceOptions& slice) {
   const auto colon = spec.find(':');
   const std::string kind = colon == std::string::npos ? "" : spec.substr(0, colon);
   if (kind != "mooncake" && kind != "azure") {
@@ -273,7 +273,7 @@ Workload load_trace(const std::string& spec, const TraceSlice& slice) {
   return kind == "mooncake" ? read_mooncake(in, path, slice) : read_azure(in, path, slice);
 }
 
-void apply_slice(std::vector<Request>& requests, const TraceSlice& slice) {
+void apply_slice(std::vector<Request>& requests, const TraceOptions& slice) {
   Slicer slicer(slice);
   for (auto& r : requests) {
     if (!slicer.offer(std::move(r))) break;

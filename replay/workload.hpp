@@ -37,10 +37,10 @@ struct Workload {
   std::uint64_t skipped_lines = 0;  // malformed lines skipped under --skip-bad-lines
 };
 
-// Which part of a trace to keep. The window is applied first (requests with
-// start <= timestamp < start + window), then the limit (the first `limit` of those); kept
+// How to read a trace, and which part of it to keep. The window is applied first (requests
+// with start <= timestamp < start + window), then the limit (the first `limit` of those); kept
 // requests are re-based so that the first one arrives at 0.
-struct TraceSlice {
+struct TraceOptions {
   double start_s = 0;
   std::optional<double> window_s;
   std::optional<std::uint64_t> limit;
@@ -56,15 +56,15 @@ class TraceError : public std::runtime_error {
 
 // Mooncake JSONL: {"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [...]}
 // with ceil(input_length / hash_block_tokens) hash ids; equal ids are equal prompt blocks.
-Workload read_mooncake(std::istream& in, const std::string& name, const TraceSlice& slice);
+Workload read_mooncake(std::istream& in, const std::string& name, const TraceOptions& slice);
 // Azure LLM inference trace CSV: TIMESTAMP,ContextTokens,GeneratedTokens, timestamps like
 // "2023-11-16 18:17:03.9799600". Every request gets prompt segments of its own.
-Workload read_azure(std::istream& in, const std::string& name, const TraceSlice& slice);
+Workload read_azure(std::istream& in, const std::string& name, const TraceOptions& slice);
 
 // "mooncake:PATH" or "azure:PATH": opens and reads the file.
-Workload load_trace(const std::string& spec, const TraceSlice& slice);
+Workload load_trace(const std::string& spec, const TraceOptions& slice);
 
 // Keeps the window and limit of `requests` (sorted by arrival) and re-bases arrivals.
-void apply_slice(std::vector<Request>& requests, const TraceSlice& slice);
+void apply_slice(std::vector<Request>& requests, const TraceOptions& slice);
 
 }  // namespace omni::replay

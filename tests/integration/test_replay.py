@@ -8,8 +8,10 @@ source tree, else /work/shared/data); tests that need a missing trace are skippe
 import csv
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import time
 import unittest
 
 import simlib
@@ -232,6 +234,34 @@ class ReplayErrors(unittest.TestCase):
                             for r in rows if r["outcome"] == "timeout"))
         # Latencies come from the successful requests only.
         self.assertEqual(s["latency_ms"]["ttft"]["count"], req["ok"])
+
+    def test_stale_keepalive_connections_are_retried(self):
+        # The server closes idle connections after 0.2 s; requests come 0.5 s apart, so each
+        # later one finds its pooled connection closed and retries on a new one.
+        with simlib.Sim("--time-scale", "0.01", "--keepalive-timeout", "0.2", duration=30) as sim:
+            s, _, _ = run_bench("--synthetic", "requests=3,rate=2,arrival=fixed,input=16,output=2",
+                                "--target", "http://127.0.0.1:%d" % sim.port())
+        self.assertEqual(s["requests"]["ok"], 3)
+        self.assertEqual(s["requests"]["connections_opened"], 3)
+
+    def test_interrupt_writes_a_partial_summary(self):
+        with simlib.Sim("--time-scale", "0.01", duration=30) as sim, \
+                tempfile.TemporaryDirectory() as d:
+            summary = os.path.join(d, "s.json")
+            p = subprocess.Popen([BENCH, "--synthetic", "requests=100,rate=20,arrival=fixed,"
+                                  "input=16,output=2", "--summary", summary,
+                                  "--target", "http://127.0.0.1:%d" % sim.port()],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=10)
+            self.assertEqual(p.returncode, 128 + signal.SIGINT)
+            with open(summary) as f:
+                s = json.load(f)
+        self.assertTrue(s["interrupted"])
+        req = s["requests"]
+        self.assertTrue(0 < req["sent"] < 100, req)
+        self.assertEqual(req["sent"] + req["not_sent"], 100)
 
     def test_unreachable_target(self):
         port = simlib.free_port()

@@ -14,12 +14,12 @@ std::string mooncake_line(double ts_ms, int input, int output, const std::string
          ", \"output_length\": " + std::to_string(output) + ", \"hash_ids\": [" + ids + "]}\n";
 }
 
-Workload mooncake(const std::string& text, TraceSlice slice = {}) {
+Workload mooncake(const std::string& text, TraceOptions slice = {}) {
   std::istringstream in(text);
   return read_mooncake(in, "t.jsonl", slice);
 }
 
-Workload azure(const std::string& text, TraceSlice slice = {}) {
+Workload azure(const std::string& text, TraceOptions slice = {}) {
   std::istringstream in(text);
   return read_azure(in, "t.csv", slice);
 }
@@ -54,7 +54,7 @@ TEST(ReplayMooncake, ParsesRequestsAndBlocks) {
 TEST(ReplayMooncake, SliceKeepsWindowThenLimitAndRebases) {
   std::string text;
   for (int i = 0; i < 10; ++i) text += mooncake_line(i * 1000.0, 10, 1, std::to_string(i));
-  TraceSlice slice;
+  TraceOptions slice;
   slice.start_s = 2.5;
   slice.window_s = 5;  // 3, 4, 5, 6, 7 s
   auto w = mooncake(text, slice);
@@ -69,7 +69,7 @@ TEST(ReplayMooncake, SliceKeepsWindowThenLimitAndRebases) {
 }
 
 TEST(ReplayMooncake, LimitStopsReadingBeforeLaterBadLines) {
-  TraceSlice slice;
+  TraceOptions slice;
   slice.limit = 1;
   const auto w = mooncake(mooncake_line(0, 10, 1, "1") + "not json\n", slice);
   EXPECT_EQ(w.requests.size(), 1u);
@@ -107,7 +107,7 @@ TEST(ReplayMooncake, MalformedLinesNameFileAndLine) {
 }
 
 TEST(ReplayMooncake, SkipBadLinesCountsThem) {
-  TraceSlice slice;
+  TraceOptions slice;
   slice.skip_bad_lines = true;
   const auto w = mooncake(
       mooncake_line(0, 10, 1, "1") + "garbage\n{}\n" + mooncake_line(10, 10, 1, "2"), slice);
@@ -116,7 +116,7 @@ TEST(ReplayMooncake, SkipBadLinesCountsThem) {
 }
 
 TEST(ReplayMooncake, HashBlockSizeIsConfigurable) {
-  TraceSlice slice;
+  TraceOptions slice;
   slice.hash_block_tokens = 16;
   const auto w = mooncake(mooncake_line(0, 33, 1, "1, 2, 3"), slice);
   ASSERT_EQ(w.requests.size(), 1u);
@@ -148,7 +148,7 @@ TEST(ReplayAzure, ParsesRelativeTimestamps) {
 TEST(ReplayAzure, WindowCountsFromTheFirstRow) {
   std::string text = "TIMESTAMP,ContextTokens,GeneratedTokens\n";
   for (int s = 0; s < 10; ++s) text += "2023-11-16 18:17:0" + std::to_string(s) + ".5,100,5\n";
-  TraceSlice slice;
+  TraceOptions slice;
   slice.start_s = 3;
   slice.window_s = 2;
   const auto w = azure(text, slice);
@@ -171,7 +171,7 @@ TEST(ReplayAzure, MalformedLinesNameFileAndLine) {
   EXPECT_EQ(error_of([&] { azure(header + "2023-11-16 18:17:03.1,10,0\n"); }),
             "t.csv:2: GeneratedTokens must be an integer >= 1");
   EXPECT_EQ(error_of([&] { azure(""); }), "t.csv: empty file (no header)");
-  TraceSlice skip;
+  TraceOptions skip;
   skip.skip_bad_lines = true;
   const auto w = azure(header + "bad\n2023-11-16 18:17:03.1,10,5\n", skip);
   EXPECT_EQ(w.requests.size(), 1u);
