@@ -48,8 +48,9 @@ RunResult Runner::run() {
     rec.output_tokens = requests[i].output_tokens;
     rec.streamed = config_.stream;
   }
-  start_ = Clock::now();
   if (!requests.empty()) {
+    prepare_next();  // the first body too is ready before the clock starts
+    start_ = Clock::now();
     arm();
     io_.run();
   }
@@ -58,14 +59,18 @@ RunResult Runner::run() {
   return std::move(result_);
 }
 
+void Runner::prepare_next() {
+  if (next_ < result_.records.size() && prepared_index_ != next_) {
+    prepared_body_ = request_body(config_, prompts_, workload_.requests[next_]);
+    prepared_index_ = next_;
+  }
+}
+
 void Runner::arm() {
   if (stopping_ || next_ >= result_.records.size()) return;
   // Build the next body now, while idle, rather than when it is due (a long prompt takes a
   // millisecond or more): only an overloaded client starts late.
-  if (prepared_index_ != next_) {
-    prepared_body_ = request_body(config_, prompts_, workload_.requests[next_]);
-    prepared_index_ = next_;
-  }
+  prepare_next();
   timer_.expires_at(start_ +
                     std::chrono::duration_cast<Clock::duration>(
                         std::chrono::duration<double>(result_.records[next_].scheduled_s)));

@@ -71,6 +71,7 @@ class Runner {
  private:
   using Clock = std::chrono::steady_clock;
 
+  void prepare_next();
   void arm();
   void on_timer();
   void due(std::size_t i);

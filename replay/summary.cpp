@@ -199,9 +199,7 @@ ojson summarize(const SummaryInputs& in, const Workload& workload, const RunResu
   req["not_sent"] = not_sent;
   req["late"] = late;
   req["waited_for_slot"] = waited;
-  ojson lat = distribution(lateness);
-  lat.erase("p90");
-  req["lateness_ms"] = lat;
+  req["lateness_ms"] = distribution(lateness);
   req["late_threshold_ms"] = in.config.late_threshold_ms;
   req["max_lateness_ms"] = optional_number(in.config.max_lateness_ms);
   req["max_concurrency"] = in.config.max_concurrency;
