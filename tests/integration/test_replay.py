@@ -205,6 +205,14 @@ class ReplayAgainstSim(unittest.TestCase):
             # the chat template's role markers come on top of the words
             self.assertGreater(int(r["prompt_tokens"]), int(r["input_tokens"]))
 
+        # Streamed chat: deltas are token events.
+        s, rows, _ = run_bench("--synthetic", spec, "--limit", 6, "--time-scale", 0.01,
+                               "--api", "chat", "--seed", 6, "--target", self.target)
+        self.assertEqual(s["requests"]["ok"], 6)
+        self.assertEqual(s["latency_ms"]["tpot"]["count"], 6)
+        self.assertEqual(s["latency_ms"]["itl"]["count"], 6 * 2)
+        self.assertTrue(all(r["token_events"] == "3" for r in rows))
+
 
 class ReplayErrors(unittest.TestCase):
 
