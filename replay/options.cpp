@@ -1,9 +1,8 @@
 #include "options.hpp"
 
-#include <charconv>
-#include <cmath>
+#include "parse.hpp"
+
 #include <limits>
-#include <sstream>
 
 namespace omni::replay {
 
@@ -59,17 +58,7 @@ namespace {
 
 template <typename T>
 T number(const std::string& flag, const std::string& v, T lo, T hi) {
-  T out{};
-  const char* end = v.data() + v.size();
-  auto [p, ec] = std::from_chars(v.data(), end, out);
-  bool bad = ec != std::errc() || p != end || out < lo || out > hi;
-  if constexpr (std::is_floating_point_v<T>) bad = bad || !std::isfinite(out);
-  if (bad) {
-    std::ostringstream os;
-    os << flag << ": invalid value \"" << v << "\" (expected " << lo << ".." << hi << ")";
-    throw UsageError(os.str());
-  }
-  return out;
+  return parse_in_range<T, UsageError>(flag, v, lo, hi);
 }
 
 // "http://HOST:PORT" with an optional trailing "/"; HOST may be [v6].

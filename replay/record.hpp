@@ -2,6 +2,7 @@
 // the CSV convert latencies to model time (divided by --time-scale).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 

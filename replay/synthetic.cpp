@@ -1,7 +1,8 @@
 #include "synthetic.hpp"
 
+#include "parse.hpp"
+
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -24,29 +25,12 @@ std::vector<std::string> split(const std::string& s, char sep) {
 }
 
 double number(const std::string& key, const std::string& v, double lo, double hi) {
-  double out = 0;
-  const char* end = v.data() + v.size();
-  auto [p, ec] = std::from_chars(v.data(), end, out);
-  if (ec != std::errc() || p != end || !std::isfinite(out) || out < lo || out > hi) {
-    std::ostringstream os;
-    os << "--synthetic: " << key << ": invalid value \"" << v << "\" (expected " << lo << ".." << hi
-       << ")";
-    throw std::invalid_argument(os.str());
-  }
-  return out;
+  return parse_in_range("--synthetic: " + key, v, lo, hi);
 }
 
 std::uint64_t integer(const std::string& key, const std::string& v, std::uint64_t lo,
                       std::uint64_t hi) {
-  std::uint64_t out = 0;
-  const char* end = v.data() + v.size();
-  auto [p, ec] = std::from_chars(v.data(), end, out);
-  if (ec != std::errc() || p != end || out < lo || out > hi) {
-    throw std::invalid_argument("--synthetic: " + key + ": invalid value \"" + v +
-                                "\" (expected an integer " + std::to_string(lo) + ".." +
-                                std::to_string(hi) + ")");
-  }
-  return out;
+  return parse_in_range("--synthetic: " + key, v, lo, hi);
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
 #include "workload.hpp"
 
+#include "parse.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cctype>
-#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -135,9 +136,9 @@ Request mooncake_request(const nlohmann::json& j, std::uint32_t block_tokens) {
 
 template <typename T>
 bool parse_int(std::string_view s, T& out) {
-  const char* end = s.data() + s.size();
-  auto [p, ec] = std::from_chars(s.data(), end, out);
-  return ec == std::errc() && p == end;
+  const auto v = parse_number<T>(s);
+  if (v) out = *v;
+  return v.has_value();
 }
 
 // "2023-11-16 18:17:03.9799600" -> seconds since 1970-01-01 (UTC; only differences matter).

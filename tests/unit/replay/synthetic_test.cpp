@@ -48,7 +48,7 @@ TEST(ReplaySynthetic, ParsesSpecAndNamesBadKeys) {
             "--synthetic: length \"normal:3\": expected N, fixed:N, uniform:A:B or "
             "lognormal:MEAN:CV");
   EXPECT_EQ(message("requests=x,rate=1"),
-            "--synthetic: requests: invalid value \"x\" (expected an integer 1..10000000)");
+            "--synthetic: requests: invalid value \"x\" (expected 1..10000000)");
   EXPECT_EQ(message("requests=5,rate=1,prefixes=2"),
             "--synthetic: prefixes=N needs prefix_len=TOKENS");
   EXPECT_EQ(message("requests=5,rate=1,rate=2"), "--synthetic: rate given twice");
