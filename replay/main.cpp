@@ -11,6 +11,9 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <csignal>
 #include <fstream>
 #include <iostream>
@@ -41,6 +44,20 @@ Workload load(const Options& o) {
     die(2, e.what());
   } catch (const TraceError& e) {
     die(1, e.what());
+  }
+}
+
+// Each request in flight holds a socket, so the descriptor limit must allow --max-concurrency
+// of them; the soft limit is often 1024. Raises it as far as the hard limit allows.
+void raise_descriptor_limit(std::size_t concurrency) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return;
+  const rlim_t want = static_cast<rlim_t>(concurrency) + 64;  // and stdio, files, the resolver
+  if (lim.rlim_cur >= want) return;
+  lim.rlim_cur = lim.rlim_max == RLIM_INFINITY ? want : std::min(want, lim.rlim_max);
+  if (setrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur < want) {
+    std::cerr << "omni-bench: warning: open-file limit " << lim.rlim_cur << " is below "
+              << want << "; requests beyond it fail to connect\n";
   }
 }
 
@@ -89,6 +106,7 @@ int main(int argc, char** argv) {
     std::cerr << "omni-bench: replaying " << workload.requests.size() << " requests (" << span
               << " s of trace, " << span / o.run.speedup << " s at speedup " << o.run.speedup
               << ") to " << o.target << "\n";
+    raise_descriptor_limit(o.run.max_concurrency);
     Runner runner(io, o.run, workload, prompts);
     boost::asio::signal_set signals(io, SIGINT, SIGTERM);
     signals.async_wait([&](boost::system::error_code e, int signal) {
