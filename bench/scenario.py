@@ -23,7 +23,7 @@ error.log), results.json, report.md (the tables) and, with python3-matplotlib, t
 (SVG). --docs also copies the plots to docs/img/.
 
 usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure] [--systems ...]
-                         [--loads 1,2] [--repeats 3] [--time-scale 0.1] [--docs] [--quick]
+                         [--loads 0.5,1,1.5] [--repeats 2] [--time-scale 0.1] [--docs] [--quick]
 """
 import argparse
 import csv
@@ -54,7 +54,7 @@ SYSTEMS = {
 # Trace slices: (omni-bench trace spec, file under the data folder, start s, window s).
 TRACES = {
     "mooncake": ("mooncake", "traces/mooncake_synthetic_trace.jsonl", 0, 240),
-    "azure": ("azure", "traces/azure_code_trace.csv", 0, 300),
+    "azure": ("azure", "traces/azure_code_trace.csv", 0, 200),
 }
 
 PREFILL_PROFILE = "deepseek-v3-h800-prefill"
@@ -453,8 +453,9 @@ def main():
     p.add_argument("--out", default=None, help="results folder (default: a new one in /tmp)")
     p.add_argument("--traces", default="mooncake,azure")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--loads", default="1,2", help="offered loads, multiples of the trace's rate")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loads", default="0.5,1,1.5",
+                   help="offered loads, multiples of the trace's rate")
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--instances", type=int, default=4, help="prefill and decode instances each")
     p.add_argument("--time-scale", type=float, default=0.1)
     p.add_argument("--window", type=float, default=None, help="trace seconds (default per trace)")
