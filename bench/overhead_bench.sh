@@ -26,7 +26,9 @@
 #   env: OMNI_BENCH_ROUNDS (3), OMNI_BENCH_CONNECTIONS (64, closed loop),
 #        OMNI_BENCH_RATE_CONNECTIONS (32, fixed rate), OMNI_BENCH_QUIET_CORES (0.25: a fixed-rate
 #        round is "quiet" when other processes used at most this many cores during both of its
-#        proxy runs; the summary also judges the latency goal on those rounds alone)
+#        proxy runs; the summary also judges the latency goal on those rounds alone),
+#        OMNI_BENCH_PROMPT_WORDS (0: a 12-word prompt, a 111-byte body; N: N words, about 7 bytes
+#        each), OMNI_BENCH_ANSWER_WORDS (4: a 242-byte answer; N: N words, about 5 bytes each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR="${1:-build}"
@@ -35,6 +37,8 @@ ROUNDS="${OMNI_BENCH_ROUNDS:-3}"
 CONNECTIONS="${OMNI_BENCH_CONNECTIONS:-64}"
 RATE_CONNECTIONS="${OMNI_BENCH_RATE_CONNECTIONS:-32}"
 QUIET="${OMNI_BENCH_QUIET_CORES:-0.25}"
+PROMPT_WORDS="${OMNI_BENCH_PROMPT_WORDS:-0}"
+ANSWER_WORDS="${OMNI_BENCH_ANSWER_WORDS:-4}"
 case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$(pwd)/$BUILD_DIR" ;; esac
 MODULE_SO="$BUILD_DIR/nginx-build/objs/ngx_http_omni_proxy_module.so"
 [ -f "$MODULE_SO" ] || { echo "build first: cmake --build $BUILD_DIR (the module)" >&2; exit 1; }
@@ -45,7 +49,30 @@ backend_ports=($(free_port) $(free_port) $(free_port) $(free_port))
 plain_port=$(free_port)
 module_port=$(free_port)
 
-answer='{"id":"cmpl-bench","object":"text_completion","created":1764000000,"model":"m","choices":[{"index":0,"text":" one two three four","logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}'
+# The answer, as `set` lines (an nginx configuration string holds at most about 4 KB) and the
+# `return` that joins them; the request body.
+/usr/bin/python3 - "$dir" "$PROMPT_WORDS" "$ANSWER_WORDS" <<'PY'
+import json, sys
+d, prompt_words, answer_words = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+text = (" one two three four" if answer_words == 4 else
+        "".join(" w%d" % i for i in range(answer_words)))
+answer = json.dumps({"id": "cmpl-bench", "object": "text_completion", "created": 1764000000,
+                     "model": "m", "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                "finish_reason": "length"}],
+                     "usage": {"prompt_tokens": 12, "completion_tokens": answer_words,
+                               "total_tokens": 12 + answer_words}}, separators=(",", ":"))
+parts = [answer[i:i + 3000] for i in range(0, len(answer), 3000)]
+with open(d + "/answer.conf", "w") as f:
+    for i, part in enumerate(parts):
+        f.write("            set $answer%d '%s';\n" % (i, part))
+    f.write("            return 200 '%s';\n" % "".join("$answer%d" % i for i in range(len(parts))))
+prompt = ("How much does a proxy cost per request? Measure it with a fast backend."
+          if prompt_words == 0 else " ".join("word%d" % i for i in range(prompt_words)))
+with open(d + "/body.json", "w") as f:
+    f.write(json.dumps({"model": "m", "prompt": prompt, "max_tokens": 4}, separators=(",", ":")))
+with open(d + "/answer_bytes", "w") as f:
+    f.write(str(len(answer)))
+PY
 cat > "$dir/backend.conf" <<CONF
 pid $dir/backend.nginx.pid;
 error_log $dir/logs/backend.error.log warn;
@@ -58,7 +85,7 @@ $(http_preamble)
 $(for p in "${backend_ports[@]}"; do echo "        listen 127.0.0.1:$p;"; done)
         location = /v1/completions {
             default_type application/json;
-            return 200 '$answer';
+$(cat "$dir/answer.conf")
         }
         # The module's engine poller (default: every second) reads this as a vLLM exposition.
         location = /metrics {
@@ -113,8 +140,6 @@ nginx_start backend
 nginx_start plain
 nginx_start module
 
-echo '{"model":"m","prompt":"How much does a proxy cost per request? Measure it with a fast backend.","max_tokens":4}' \
-  > "$dir/body.json"
 
 rc=0
 /usr/bin/python3 - "$dir" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$RATE_CONNECTIONS" \
@@ -202,6 +227,8 @@ def report(phase, rnd, r):
     return r
 
 print(json.dumps({"start": {"duration_s": duration, "rounds": rounds, "connections": conns,
+                            "body_bytes": os.path.getsize(d + "/body.json"),
+                            "answer_bytes": int(open(d + "/answer_bytes").read()),
                             "rate_connections": rate_conns, "cpus": os.cpu_count(),
                             "loadavg": open("/proc/loadavg").read().split()[:3],
                             "workers": {n: workers_cpu(n)[1] for n in ("backend", "plain", "module")}}}),
