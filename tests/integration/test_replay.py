@@ -52,26 +52,31 @@ def run_bench(*args, expect_status=0, timeout=60):
 
 
 def mooncake_shared_tokens(lines, block=512, engine_block=16):
-    """For each request, the prompt tokens an ideal cache holding every earlier request could
-    hit: the longest block-id prefix shared with an earlier request, in tokens, within full
-    engine blocks and short of the last prompt token (as the engines cap it)."""
-    out = []
+    """For each request, the prompt tokens a cache holding other requests' prompts could hit:
+    the longest block-id prefix shared with another request, in tokens, within full engine
+    blocks and short of the last prompt token (as the engines cap it). Returns two lists: shared
+    with an earlier request (what an ideal cache hits in arrival order) and with any other
+    request (a bound whatever order the engine ran them in)."""
+    def common(r, p):
+        n = 0
+        for b, (x, y) in enumerate(zip(r["hash_ids"], p["hash_ids"])):
+            if x != y:
+                break
+            len_r = min(block, r["input_length"] - b * block)
+            len_p = min(block, p["input_length"] - b * block)
+            n += min(len_r, len_p)
+            if len_r < block or len_p < block:
+                break
+        return n
+
+    earlier, anywhere = [], []
     for i, r in enumerate(lines):
-        best = 0
-        for p in lines[:i]:
-            common = 0
-            for b, (x, y) in enumerate(zip(r["hash_ids"], p["hash_ids"])):
-                if x != y:
-                    break
-                len_r = min(block, r["input_length"] - b * block)
-                len_p = min(block, p["input_length"] - b * block)
-                common += min(len_r, len_p)
-                if len_r < block or len_p < block:
-                    break
-            best = max(best, common)
         cap = (r["input_length"] - 1) // engine_block * engine_block
-        out.append(min(best // engine_block * engine_block, cap))
-    return out
+        hit = lambda n: min(n // engine_block * engine_block, cap)
+        shared = [common(r, p) for p in lines]
+        earlier.append(hit(max(shared[:i], default=0)))
+        anywhere.append(hit(max(shared[:i] + shared[i + 1:], default=0)))
+    return earlier, anywhere
 
 
 class ReplayAgainstSim(unittest.TestCase):
@@ -79,8 +84,12 @@ class ReplayAgainstSim(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
+        # omni-sim's keep-alive timer also runs while a request is being read, and a sanitizer
+        # build of it can take seconds to read Mooncake's 50k-token bodies under load: a long
+        # timer keeps it from closing connections mid-request.
         cls.sim = simlib.Sim("--profile", "fast", "--time-scale", "0.01",
-                             "--max-model-len", "200000", "--num-blocks", "200000", duration=120)
+                             "--max-model-len", "200000", "--num-blocks", "200000",
+                             "--keepalive-timeout", "60", duration=120)
         cls.target = "http://127.0.0.1:%d" % cls.sim.port()
 
     @classmethod
@@ -135,12 +144,14 @@ class ReplayAgainstSim(unittest.TestCase):
 
         # Equal hash ids are equal prompt prefixes at the engine: each request's cached tokens
         # are what it shares with the requests before it.
-        expected = mooncake_shared_tokens(lines)
+        expected, bound = mooncake_shared_tokens(lines)
         cached = [int(r["cached_tokens"]) for r in rows]
         self.assertGreater(sum(expected), 0)
         self.assertGreater(sum(c > 0 for c in cached), 0)
-        for i, (c, e) in enumerate(zip(cached, expected)):
+        for i, (c, e) in enumerate(zip(cached, bound)):
             self.assertLessEqual(c, e, "request %d hit more than it shares" % i)
+        # Most of what is shared with earlier requests hits (a request that arrives while the
+        # one it shares with is still being prefilled misses the blocks not yet computed).
         self.assertGreaterEqual(sum(cached), 0.9 * sum(expected))
         self.assertAlmostEqual(s["prefix_cache"]["hit_rate"],
                                sum(cached) / sum(int(r["prompt_tokens"]) for r in rows))
@@ -358,7 +369,9 @@ class ReplayOpenLoop(unittest.TestCase):
         req = s["requests"]
         self.assertEqual(req["ok"], 20)
         self.assertEqual(req["waited_for_slot"], 0)
-        self.assertLessEqual(req["late"], 3)  # only if this machine stalls the client
+        # Late only when this machine stalls the client (a sanitizer build, other jobs on the
+        # cores); well below the capped run's 15 or more.
+        self.assertLess(req["late"], 10)
 
 
 if __name__ == "__main__":
