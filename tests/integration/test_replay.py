@@ -37,7 +37,8 @@ def run_bench(*args, expect_status=0, timeout=60):
         cmd = [BENCH, "--summary", summary_path, "--csv", csv_path] + [str(a) for a in args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if p.returncode != expect_status:
-            raise AssertionError("omni-bench exited %d:\n%s\n%s" % (p.returncode, p.stdout, p.stderr))
+            raise AssertionError("omni-bench exited %d:\n%s\n%s"
+                                 % (p.returncode, p.stdout, p.stderr))
         if expect_status != 0:
             return None, None, p
         with open(summary_path) as f:
@@ -323,6 +324,9 @@ class ReplayOpenLoop(unittest.TestCase):
     """Requests due faster than one connection serves them: late starts are reported, not
     hidden by serialising the schedule."""
 
+    # Due every 2 ms; served one at a time, each takes about 12 ms.
+    FAST = "requests=20,rate=500,arrival=fixed,input=32,output=60"
+
     @classmethod
     def setUpClass(cls):
         # 10x faster than real time: 60 output tokens take about 60 x 0.2 ms = 12 ms.
@@ -334,8 +338,7 @@ class ReplayOpenLoop(unittest.TestCase):
         cls.sim.stop()
 
     def test_concurrency_cap_reports_late_starts(self):
-        # Due every 2 ms, served one at a time in about 12 ms each.
-        s, rows, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+        s, rows, _ = run_bench("--synthetic", self.FAST,
                                "--max-concurrency", 1, "--time-scale", 0.1,
                                "--target", self.target)
         req = s["requests"]
@@ -352,7 +355,7 @@ class ReplayOpenLoop(unittest.TestCase):
         self.assertAlmostEqual(float(rows[1]["scheduled_s"]), 0.002, places=6)
 
     def test_max_lateness_drops_requests(self):
-        s, rows, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+        s, rows, _ = run_bench("--synthetic", self.FAST,
                                "--max-concurrency", 1, "--max-lateness", 30, "--time-scale", 0.1,
                                "--target", self.target)
         req = s["requests"]
@@ -364,7 +367,7 @@ class ReplayOpenLoop(unittest.TestCase):
         self.assertLess(s["goodput"]["fraction"], 1)
 
     def test_no_cap_starts_on_time(self):
-        s, _, _ = run_bench("--synthetic", "requests=20,rate=500,arrival=fixed,input=32,output=60",
+        s, _, _ = run_bench("--synthetic", self.FAST,
                             "--time-scale", 0.1, "--target", self.target)
         req = s["requests"]
         self.assertEqual(req["ok"], 20)
