@@ -12,7 +12,8 @@
 # which the module parses) in R rounds, alternating the systems within each round so drift on
 # this shared machine hits all of them:
 #   1. max throughput, closed loop, C connections: backend alone, plain, module;
-#   2. fixed rate = 50% of plain's median max req/s (h2load --rps per connection): backend alone
+#   2. fixed rate = 50% of plain's median max req/s (h2load --rps per connection, connections
+#      opened 1/8 per millisecond so their 10 ms rate timers do not fire together): backend alone
 #      (the machine's own latency floor), plain, module; latency percentiles from h2load's
 #      per-request log.
 # CPU per request: utime+stime of each nginx's worker processes (/proc/PID/stat, before and
@@ -144,7 +145,7 @@ nginx_start module
 rc=0
 /usr/bin/python3 - "$dir" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$RATE_CONNECTIONS" \
   "${backend_ports[0]}" "$plain_port" "$module_port" "$QUIET" <<'PY' || rc=$?
-import json, os, re, resource, statistics, subprocess, sys
+import json, os, re, resource, statistics, subprocess, sys, time
 
 d = sys.argv[1]
 duration, rounds, conns, rate_conns = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -178,17 +179,26 @@ def busy_seconds():
     return (sum(v) - v[3] - v[4]) / tck
 
 def h2load(name, seconds, clients, rps=None, log=None):
-    cmd = ["h2load", "--h1", "-c", str(clients), "-D", str(seconds), "-d", "%s/body.json" % d,
+    cmd = ["h2load", "--h1", "-c", str(clients), "-d", "%s/body.json" % d,
            "-H", "Content-Type: application/json"]
     if rps:
-        cmd += ["--rps", str(rps)]
+        # h2load's rate timer fires at most every 10 ms and then sends that period's requests
+        # back to back, and clients that connect together fire together. Connecting 1/8 of the
+        # clients per millisecond spreads their timers over the period: small bursts, not one
+        # burst of every client every 10 ms. -r needs -n instead of -D.
+        cmd += ["--rps", str(rps), "-n", str(rps * clients * seconds),
+                "-r", str(max(1, clients // 8)), "--rate-period", "1ms"]
+    else:
+        cmd += ["-D", str(seconds)]
     if log:
         cmd += ["--log-file", log]
     cmd.append("http://127.0.0.1:%d/v1/completions" % ports[name])
     before = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
     busy0 = busy_seconds()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    seconds = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = {n: workers_cpu(n)[0] for n in ("backend", "plain", "module")}
     busy = busy_seconds() - busy0
