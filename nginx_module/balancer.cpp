@@ -5,10 +5,12 @@
 // keepalive wraps that. At init_main_conf time we wrap each pool block's per-request init: after
 // the original init ran, the round-robin peer data of the request is found (directly, or inside
 // keepalive's data, whose first members are stable since nginx 1.1.4) and the request's `get`
-// is wrapped. Our `get` runs the core policy (omni/policy.hpp: eligibility filters, then least
-// outstanding requests over all workers, from the shared state) over a snapshot of the block's
-// servers, then steers round robin to the chosen server by marking every other server as
-// already tried for the duration of the call. Round robin thus still does the connecting, the
+// is wrapped. Our `get` runs the location's policy over a snapshot of the block's servers (by
+// default omni/policy.hpp: eligibility filters, then least outstanding requests over all
+// workers, from the shared state; with `omni_proxy_policy cache_aware`, SGLang's rule over the
+// shared prefix table, omni/prefix_table.hpp), then steers round robin to the chosen server by
+// marking every other server as already tried for the duration of the call
+// (`omni_proxy_policy upstream` skips both: round robin chooses). Round robin thus still does the connecting, the
 // failure accounting (max_fails, fail_timeout), max_conns and backup servers, and keepalive
 // still finds cached connections. If the block names another balancer (least_conn, hash,
 // random, ...), that balancer's choice stands and the wrapper only accounts, except for a
