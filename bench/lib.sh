@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the benchmark scripts that run omni-sim and nginx (source it after `cd` to the
 # source tree, with SIM set if sim() is used): a run folder removed on exit, sims and nginx
 # instances started in it and stopped on exit, free ports, and the http{} lines nginx needs to

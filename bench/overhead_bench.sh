@@ -46,9 +46,14 @@ MODULE_SO="$BUILD_DIR/nginx-build/objs/ngx_http_omni_proxy_module.so"
 command -v h2load >/dev/null || { echo "h2load is missing: scripts/setup.sh installs it" >&2; exit 1; }
 
 . bench/lib.sh
-backend_ports=($(free_port) $(free_port) $(free_port) $(free_port))
-plain_port=$(free_port)
-module_port=$(free_port)
+ports=()  # six distinct free ports: 4 for the backend, then plain's and the module's
+while [ "${#ports[@]}" -lt 6 ]; do
+  p=$(free_port)
+  case " ${ports[*]} " in *" $p "*) ;; *) ports+=("$p") ;; esac
+done
+backend_ports=("${ports[@]:0:4}")
+plain_port=${ports[4]}
+module_port=${ports[5]}
 
 # The answer, as `set` lines (an nginx configuration string holds at most about 4 KB) and the
 # `return` that joins them; the request body.
