@@ -23,18 +23,21 @@ std::string_view trim(std::string_view s) {
   return s;
 }
 
+// Adds the prompt/completion tokens of one `usage` or `meta_info` object.
+bool add_counts(const nlohmann::json& o, std::int64_t& prompt, std::int64_t& output) {
+  if (!o.is_object()) return false;
+  auto p = o.find("prompt_tokens");
+  auto c = o.find("completion_tokens");
+  if (c == o.end() || !c->is_number_integer()) return false;
+  output += c->get<std::int64_t>();
+  if (p != o.end() && p->is_number_integer()) prompt += p->get<std::int64_t>();
+  return true;
+}
+
 // Sums prompt/completion tokens of an OpenAI `usage` object or SGLang `meta_info` (an object,
 // or an array of them for a batch).
 bool counts_of(const nlohmann::json& j, std::int64_t& prompt, std::int64_t& output) {
-  auto one = [&](const nlohmann::json& o) {
-    if (!o.is_object()) return false;
-    auto p = o.find("prompt_tokens");
-    auto c = o.find("completion_tokens");
-    if (c == o.end() || !c->is_number_integer()) return false;
-    output += c->get<std::int64_t>();
-    if (p != o.end() && p->is_number_integer()) prompt += p->get<std::int64_t>();
-    return true;
-  };
+  auto one = [&](const nlohmann::json& o) { return add_counts(o, prompt, output); };
   if (j.is_array()) {
     bool any = false;
     for (const auto& item : j) {
@@ -46,6 +49,56 @@ bool counts_of(const nlohmann::json& j, std::int64_t& prompt, std::int64_t& outp
   if (auto u = j.find("usage"); u != j.end() && u->is_object()) return one(*u);
   if (auto m = j.find("meta_info"); m != j.end()) return one(*m);
   return false;
+}
+
+// The `usage` object of an answer whose last top-level member it is, as vLLM and SGLang write
+// their OpenAI answers: found from the end and returned as its own text, so only that small
+// object is parsed, not the whole answer. Empty when the answer is not laid out that way (the
+// caller then parses all of it). Outside strings every '"' of JSON is a real quote, so a key
+// `"usage"` is recognised by an unescaped quote before it and a ':' after it; the object ends at
+// its matching brace (strings skipped), and only the top-level object's '}' and whitespace may
+// follow.
+std::string_view trailing_usage(std::string_view json) {
+  auto is_space = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; };
+  const std::size_t key = json.rfind("\"usage\"");
+  if (key == std::string_view::npos) return {};
+  std::size_t slashes = 0;
+  while (slashes < key && json[key - 1 - slashes] == '\\') ++slashes;
+  if (slashes % 2 != 0) return {};
+  std::size_t i = key + 7;
+  while (i < json.size() && is_space(json[i])) ++i;
+  if (i >= json.size() || json[i] != ':') return {};
+  ++i;
+  while (i < json.size() && is_space(json[i])) ++i;
+  if (i >= json.size() || json[i] != '{') return {};
+  const std::size_t begin = i;
+  int depth = 0;
+  bool in_string = false;
+  for (; i < json.size(); ++i) {
+    const char c = json[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      ++depth;
+    } else if ((c == '}' || c == ']') && --depth == 0) {
+      break;
+    }
+  }
+  if (i >= json.size()) return {};
+  const std::size_t end = i + 1;
+  std::size_t j = end;
+  while (j < json.size() && is_space(json[j])) ++j;
+  if (j >= json.size() || json[j] != '}') return {};
+  for (++j; j < json.size(); ++j) {
+    if (!is_space(json[j])) return {};
+  }
+  return json.substr(begin, end - begin);
 }
 
 }  // namespace
@@ -108,10 +161,18 @@ void UsageScanner::line(std::string_view l) {
 }
 
 void UsageScanner::read_usage(std::string_view json) {
-  auto j = nlohmann::json::parse(json, nullptr, false);
   std::int64_t prompt = 0;
   std::int64_t output = 0;
-  if (j.is_discarded() || !counts_of(j, prompt, output)) return;
+  bool found = false;
+  if (const std::string_view usage = trailing_usage(json); !usage.empty()) {
+    auto u = nlohmann::json::parse(usage, nullptr, false);
+    found = !u.is_discarded() && add_counts(u, prompt, output);
+  }
+  if (!found) {
+    prompt = output = 0;
+    auto j = nlohmann::json::parse(json, nullptr, false);
+    if (j.is_discarded() || !counts_of(j, prompt, output)) return;
+  }
   exact_ = true;
   prompt_tokens_ = clamp_u32(prompt);
   output_tokens_ = clamp_u32(output);  // streamed meta_info and usage are cumulative

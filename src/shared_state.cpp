@@ -24,7 +24,7 @@ namespace omni {
 namespace shm_detail {
 
 constexpr std::uint64_t kMagic = 0x314D48534D4E4D4FULL;  // "OMNMSHM1" little-endian
-constexpr std::uint32_t kLayoutVersion = 3;
+constexpr std::uint32_t kLayoutVersion = 4;
 constexpr std::size_t kLine = 64;
 
 // Histogram bounds in nanoseconds (rendered in seconds). Changing them changes the layout
@@ -191,6 +191,9 @@ struct alignas(kLine) Root {
   std::atomic<std::uint64_t> acquire_full_total;
   std::atomic<std::uint64_t> acquire_no_owner_total;
   std::atomic<std::uint64_t> reclaimed_total;
+  // One past the highest owner row ever claimed: per-owner gauges are summed over these rows
+  // only (the rest were never written), so a read costs the workers that exist, not max_owners.
+  std::atomic<std::uint32_t> owner_rows_used;
   // Tokenizer-result reuse (count_tokenized).
   alignas(kLine) std::atomic<std::uint64_t> tokenized_total;
   std::atomic<std::uint64_t> tokenized_tokens_total;
@@ -696,6 +699,11 @@ std::optional<std::uint32_t> SharedState::owner_row(std::int32_t pid) noexcept {
   for (std::uint32_t i = 0; i < max_owners_; ++i) {
     std::uint64_t w = 0;
     if (owners_[i].word.compare_exchange_strong(w, want, std::memory_order_acq_rel) || w == want) {
+      // Published before the row's cells are first written (the caller writes them next).
+      std::uint32_t used = root_->owner_rows_used.load(std::memory_order_relaxed);
+      while (used < i + 1 &&
+             !root_->owner_rows_used.compare_exchange_weak(used, i + 1, std::memory_order_release)) {
+      }
       owner_hint_.store((want << 32) | i, std::memory_order_relaxed);
       return i;
     }
@@ -1047,6 +1055,10 @@ std::optional<std::uint16_t> SharedState::find_backend(std::string_view name) co
   return std::nullopt;
 }
 
+std::uint32_t SharedState::owner_rows_used() const noexcept {
+  return std::min(max_owners_, root_->owner_rows_used.load(std::memory_order_acquire));
+}
+
 namespace {
 // A gauge sharded per owner (a backend's GaugeCells, a limit group's GroupCells): the sum of
 // one field over every owner row.
@@ -1063,13 +1075,13 @@ std::int64_t sum_cells(const Cell* row, std::uint32_t owners,
 
 std::int64_t SharedState::backend_outstanding(std::uint16_t backend) const noexcept {
   if (backend >= backend_count_) return 0;
-  return sum_cells(cells_ + std::size_t{backend} * max_owners_, max_owners_,
+  return sum_cells(cells_ + std::size_t{backend} * max_owners_, owner_rows_used(),
                    &GaugeCell::outstanding);
 }
 
 std::int64_t SharedState::backend_active_streams(std::uint16_t backend) const noexcept {
   if (backend >= backend_count_) return 0;
-  return sum_cells(cells_ + std::size_t{backend} * max_owners_, max_owners_,
+  return sum_cells(cells_ + std::size_t{backend} * max_owners_, owner_rows_used(),
                    &GaugeCell::streams);
 }
 
@@ -1526,13 +1538,13 @@ void SharedState::leave(std::int32_t owner_pid, std::uint16_t group) noexcept {
 
 std::int64_t SharedState::group_inflight(std::uint16_t group) const noexcept {
   if (group >= group_count_) return 0;
-  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, owner_rows_used(),
                    &GroupCell::inflight);
 }
 
 std::int64_t SharedState::group_queued(std::uint16_t group) const noexcept {
   if (group >= group_count_) return 0;
-  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, max_owners_,
+  return sum_cells(group_cells_ + std::size_t{group} * max_owners_, owner_rows_used(),
                    &GroupCell::queued);
 }
 

@@ -366,6 +366,7 @@ class SharedState {
   explicit SharedState(shm_detail::Root* root) noexcept;
 
   shm_detail::Slot* owned(const SlotHandle& h) const noexcept;
+  std::uint32_t owner_rows_used() const noexcept;
   std::optional<std::uint32_t> owner_row(std::int32_t pid) noexcept;
   shm_detail::OwnerRow* row_of(const shm_detail::Slot& s, std::int32_t pid) const noexcept;
   void apply_gauges(shm_detail::OwnerRow* row, int stage, std::uint16_t prefill,

@@ -106,3 +106,46 @@ TEST(HttpResponse, RejectsMalformedAndTruncated) {
 
 }  // namespace
 }  // namespace omni
+
+namespace omni {
+namespace {
+
+std::pair<std::uint32_t, std::uint32_t> whole_answer_counts(std::string_view body) {
+  UsageScanner s(false);
+  s.feed(body.substr(0, body.size() / 2));
+  s.feed(body.substr(body.size() / 2));
+  s.finish();
+  return {s.prompt_tokens(), s.exact() ? s.output_tokens() : 0xffffffffu};
+}
+
+TEST(UsageScanner, WholeAnswerUsageFoundWhereverItIs) {
+  using P = std::pair<std::uint32_t, std::uint32_t>;
+  // vLLM's layout, usage last (read from the end), with spacing.
+  EXPECT_EQ(whole_answer_counts(R"({"id":"cmpl-1","choices":[{"text":"hi"}],"usage": {"prompt_tokens": 12, "total_tokens": 16, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}} }
+)"),
+            P(12, 4));
+  // Usage not last: the whole answer is parsed.
+  EXPECT_EQ(whole_answer_counts(R"({"usage":{"prompt_tokens":3,"completion_tokens":2},"id":"x"})"),
+            P(3, 2));
+  // A generated text that looks like a usage key is a string: escaped quotes, never taken.
+  EXPECT_EQ(whole_answer_counts(
+                R"({"choices":[{"text":"\"usage\":{\"prompt_tokens\":99,\"completion_tokens\":99}"}],"usage":{"prompt_tokens":5,"completion_tokens":1}})"),
+            P(5, 1));
+  EXPECT_EQ(whole_answer_counts(
+                R"({"usage":{"prompt_tokens":5,"completion_tokens":1},"choices":[{"text":"x \"usage\":{\"prompt_tokens\":99,\"completion_tokens\":99}}"}]})"),
+            P(5, 1));
+  // A nested usage that ends the document is not the top-level one.
+  EXPECT_EQ(whole_answer_counts(R"({"meta":{"usage":{"prompt_tokens":9,"completion_tokens":9}}})"),
+            P(0, 0xffffffffu));
+  // Braces inside strings of the usage object do not end it early.
+  EXPECT_EQ(whole_answer_counts(R"({"usage":{"note":"a}b{","prompt_tokens":7,"completion_tokens":3}})"),
+            P(7, 3));
+  // SGLang's batch answer (an array of items with meta_info).
+  EXPECT_EQ(whole_answer_counts(R"([{"text":"a","meta_info":{"prompt_tokens":2,"completion_tokens":1}},{"text":"b","meta_info":{"prompt_tokens":3,"completion_tokens":2}}])"),
+            P(5, 3));
+  EXPECT_EQ(whole_answer_counts(R"({"usage":{"prompt_tokens":1,"completion_tokens":1}} trailing)"),
+            P(0, 0xffffffffu));
+}
+
+}  // namespace
+}  // namespace omni
