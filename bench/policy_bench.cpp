@@ -10,6 +10,13 @@
 //   snapshot_pick/...         snapshot, PoolSnapshot and pick: what the balancer does per try
 //   slot_lifecycle/...        one aggregated request's slot: acquire, set_stage x7,
 //                             set_backends, set_tokens, release, with K slots held elsewhere
+//   prefix_keys/...           omni_proxy_policy cache_aware's per-request keys: a P-token
+//                             prompt of token ids into chained 16-token block keys
+//   cache_aware/...           its decision over a 262,144-entry prefix table already holding
+//                             many prompts: eligibility filters, SGLang's rule (longest recorded
+//                             prefix, smallest table) and recording the chosen server's keys;
+//                             pools of 8, 16 and 64 servers (the rule's limit), 16k-token
+//                             prompts sharing a 4k-token system prompt
 //
 // Every family but slot_lifecycle runs over backends = 8, 16, 64, 256, 1024 at a fixed number
 // of requests in flight (inflight: 0, 1000, 10000), and reports its complexity in the number of
@@ -26,6 +33,7 @@
 // --benchmark_filter=REGEX selects families, e.g. 'pick/' or 'slot_lifecycle'.
 #include <omni/lifecycle.hpp>
 #include <omni/policy.hpp>
+#include <omni/prefix_table.hpp>
 #include <omni/shared_state.hpp>
 
 #include <benchmark/benchmark.h>
@@ -295,6 +303,71 @@ void bm_slot_lifecycle(benchmark::State& state, std::uint32_t capacity, std::uin
   state.counters["capacity"] = capacity;
 }
 
+// Token ids of a prompt: a shared system prompt (`system` of 64 of them) then its own tokens.
+std::vector<omni::TokenId> prompt_ids(std::size_t tokens, std::uint64_t system, std::uint64_t own) {
+  std::vector<omni::TokenId> ids(tokens);
+  for (std::size_t i = 0; i < tokens; ++i) {
+    const std::uint64_t seed = i < 4096 ? (system << 32) + i : (own << 32) + i;
+    ids[i] = static_cast<omni::TokenId>(1000 + mix(seed) % 128000);
+  }
+  return ids;
+}
+
+void bm_prefix_keys(benchmark::State& state, std::size_t tokens) {
+  const std::vector<omni::TokenId> ids = prompt_ids(tokens, 1, 2);
+  omni::PrefixKeyOptions o;  // 16-token blocks, the directive's default
+  for (auto _ : state) {
+    omni::PrefixKeys k = omni::prefix_keys_from_ids(ids, o);
+    benchmark::DoNotOptimize(k.blocks.data());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(tokens));
+}
+
+// A table the size of omni_proxy_prefix_table's default, warmed with `warm` earlier requests
+// recorded by the rule itself; each iteration is one more request's decision and record.
+void bm_cache_aware(benchmark::State& state, std::size_t backends) {
+  constexpr std::uint64_t kEntries = 1u << 18;
+  constexpr std::size_t kTokens = 16384;
+  constexpr std::uint64_t kSystems = 64;
+  constexpr std::size_t kWarm = 512;
+  const Grid g{backends, 1000};
+  const Cluster cluster(g);
+  const std::size_t bytes = omni::PrefixTable::required_bytes(kEntries, 64);
+  std::vector<std::uint64_t> region((bytes + 7) / 8);
+  auto table = omni::PrefixTable::create(region.data(), bytes, kEntries, 64);
+  const omni::Policy eligibility("eligible", omni::make_eligibility_filters(), {},
+                                 std::make_shared<omni::MaxScorePicker>());
+  const omni::CacheAwareOptions options;
+  // Keys of a rotation of requests, built outside the timed loop (the module builds them once
+  // per request, before its legs; prefix_keys/ times that).
+  std::vector<omni::PrefixKeys> requests;
+  for (std::size_t r = 0; r < 64; ++r) {
+    requests.push_back(omni::prefix_keys_from_ids(
+        prompt_ids(kTokens, mix(r) % kSystems, 1'000'000 + r), omni::PrefixKeyOptions{}));
+  }
+  std::uint64_t n = 0;
+  auto decide = [&](const omni::PrefixKeys& keys) {
+    const omni::PoolSnapshot snap("prefill", 0, cluster.snapshot());
+    omni::RequestFeatures f;
+    f.request_hash = mix(++n);
+    const omni::Pick eligible = eligibility.pick(f, snap, std::chrono::steady_clock::now());
+    std::vector<std::size_t> candidates;
+    for (const omni::CandidateScore& c : eligible.candidates) candidates.push_back(c.index);
+    const auto d = omni::cache_aware_choose(snap, candidates, table.get(), keys, 7, 0, options,
+                                            omni::pick_seed(f.request_hash));
+    table->insert(keys.blocks, 7, static_cast<unsigned>(d->chosen),
+                  static_cast<std::uint32_t>(d->chosen));
+    return d->chosen;
+  };
+  for (std::size_t w = 0; w < kWarm; ++w) {
+    decide(omni::prefix_keys_from_ids(prompt_ids(kTokens, mix(w + 99) % kSystems, w),
+                                      omni::PrefixKeyOptions{}));
+  }
+  std::size_t i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(decide(requests[i++ % requests.size()]));
+  state.counters["table_used"] = static_cast<double>(table->stats().used);
+}
+
 double min_of(const std::vector<double>& v) {
   return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end());
 }
@@ -338,6 +411,19 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(name.c_str(), [held](benchmark::State& s) {
       bm_slot_lifecycle(s, kCapacity, held);
     })->Unit(benchmark::kNanosecond)->ComputeStatistics("min", min_of);
+  }
+
+  for (std::size_t tokens : {1024u, 16384u}) {
+    const std::string name = "prefix_keys/prompt:" + std::to_string(tokens);
+    benchmark::RegisterBenchmark(name.c_str(), [tokens](benchmark::State& s) {
+      bm_prefix_keys(s, tokens);
+    })->Unit(benchmark::kNanosecond)->ComputeStatistics("min", min_of);
+  }
+  for (std::size_t backends : {8u, 16u, 64u}) {
+    const std::string name = "cache_aware/prompt:16384/backends:" + std::to_string(backends);
+    benchmark::RegisterBenchmark(name.c_str(), [backends](benchmark::State& s) {
+      bm_cache_aware(s, backends);
+    })->Unit(benchmark::kMicrosecond)->ComputeStatistics("min", min_of);
   }
 
   benchmark::RunSpecifiedBenchmarks();
