@@ -31,6 +31,7 @@
 // Each aggregate has a "min" over the repetitions besides mean, median and stddev: on a shared
 // machine the fastest repetition is the best estimate of the code's own cost.
 // --benchmark_filter=REGEX selects families, e.g. 'pick/' or 'slot_lifecycle'.
+#include <omni/block_hash.hpp>
 #include <omni/lifecycle.hpp>
 #include <omni/policy.hpp>
 #include <omni/prefix_table.hpp>
@@ -68,12 +69,7 @@ struct Grid {
 };
 
 // splitmix64: a fixed, fast stream of request hashes (like hashes of request ids).
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
+std::uint64_t mix(std::uint64_t x) { return omni::mix64(x + 0x9E3779B97F4A7C15ULL); }
 
 std::string backend_name(std::size_t i) {
   return "10.0." + std::to_string(i / 250) + "." + std::to_string(i % 250 + 1) + ":8000";
@@ -335,8 +331,7 @@ void bm_cache_aware(benchmark::State& state, std::size_t backends) {
   const std::size_t bytes = omni::PrefixTable::required_bytes(kEntries, 64);
   std::vector<std::uint64_t> region((bytes + 7) / 8);
   auto table = omni::PrefixTable::create(region.data(), bytes, kEntries, 64);
-  const omni::Policy eligibility("eligible", omni::make_eligibility_filters(), {},
-                                 std::make_shared<omni::MaxScorePicker>());
+  const auto filters = omni::make_eligibility_filters();
   const omni::CacheAwareOptions options;
   // Keys of a rotation of requests, built outside the timed loop (the module builds them once
   // per request, before its legs; prefix_keys/ times that).
@@ -350,9 +345,11 @@ void bm_cache_aware(benchmark::State& state, std::size_t backends) {
     const omni::PoolSnapshot snap("prefill", 0, cluster.snapshot());
     omni::RequestFeatures f;
     f.request_hash = mix(++n);
-    const omni::Pick eligible = eligibility.pick(f, snap, std::chrono::steady_clock::now());
-    std::vector<std::size_t> candidates;
-    for (const omni::CandidateScore& c : eligible.candidates) candidates.push_back(c.index);
+    std::vector<std::size_t> candidates(snap.size());
+    std::iota(candidates.begin(), candidates.end(), std::size_t{0});
+    std::vector<omni::Rejection> rejected;
+    const omni::PickContext ctx{f, snap, std::chrono::steady_clock::now()};
+    for (const auto& filter : filters) filter->filter(ctx, candidates, rejected);
     const auto d = omni::cache_aware_choose(snap, candidates, table.get(), keys, 7, 0, options,
                                             omni::pick_seed(f.request_hash));
     table->insert(keys.blocks, 7, static_cast<unsigned>(d->chosen),

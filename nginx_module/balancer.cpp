@@ -23,6 +23,7 @@
 
 #include <chrono>
 #include <exception>
+#include <numeric>
 
 extern "C" {
 extern ngx_module_t ngx_http_upstream_keepalive_module;
@@ -58,11 +59,10 @@ const omni::Policy& policy() {
   return p;
 }
 
-// The eligibility filters alone: the candidates the cache-aware rule chooses among.
-const omni::Policy& eligibility() {
-  static const omni::Policy p("eligible", omni::make_eligibility_filters(), {},
-                              std::make_shared<omni::MaxScorePicker>());
-  return p;
+// The eligibility filters the cache-aware rule chooses after.
+const std::vector<std::shared_ptr<const omni::Filter>>& eligibility_filters() {
+  static const auto filters = omni::make_eligibility_filters();
+  return filters;
 }
 
 std::int32_t server_of(const ngx_http_upstream_rr_peer_data_t* rrp, const Pool& pool) {
@@ -123,11 +123,12 @@ std::vector<omni::BackendState> snapshot(const Pool& pool, ngx_http_upstream_rr_
 // recorded in the shared table, as SGLang's router inserts it into its tree.
 std::int32_t pick_cache_aware(const Pool& pool, const omni::PoolSnapshot& snap,
                               const omni::RequestFeatures& f, const PeerChoice& choice) {
-  const omni::Pick eligible = eligibility().pick(f, snap, std::chrono::steady_clock::now());
-  if (eligible.candidates.empty()) return -1;
-  std::vector<std::size_t> candidates;
-  candidates.reserve(eligible.candidates.size());
-  for (const omni::CandidateScore& c : eligible.candidates) candidates.push_back(c.index);
+  std::vector<std::size_t> candidates(snap.size());
+  std::iota(candidates.begin(), candidates.end(), std::size_t{0});
+  std::vector<omni::Rejection> rejected;
+  const omni::PickContext ctx{f, snap, std::chrono::steady_clock::now()};
+  for (const auto& filter : eligibility_filters()) filter->filter(ctx, candidates, rejected);
+  if (candidates.empty()) return -1;
   omni::PrefixTable* table = prefix_table();
   static const omni::PrefixKeys kNoKeys;
   const omni::PrefixKeys& keys = choice.keys != nullptr ? *choice.keys : kNoKeys;

@@ -4,6 +4,8 @@
 // on every machine.
 #pragma once
 
+#include <omni/block_hash.hpp>
+
 #include <cmath>
 #include <cstdint>
 
@@ -41,11 +43,7 @@ class SplitMix64 {
   static constexpr std::uint64_t kGamma = 0x9e3779b97f4a7c15ULL;
   static constexpr double kPi = 3.14159265358979323846;
 
-  static std::uint64_t finalize(std::uint64_t z) noexcept {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
+  static std::uint64_t finalize(std::uint64_t z) noexcept { return omni::mix64(z); }
 
   std::uint64_t state_;
 };

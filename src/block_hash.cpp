@@ -11,27 +11,17 @@ constexpr std::uint64_t kMul1 = 0xbf58476d1ce4e5b9ULL;
 constexpr std::uint64_t kMul2 = 0x94d049bb133111ebULL;
 constexpr std::uint64_t kPrime = 0x9fb21c651e98df25ULL;
 
-// splitmix64 finaliser: full avalanche on 64 bits.
-constexpr std::uint64_t mix(std::uint64_t x) noexcept {
-  x ^= x >> 30;
-  x *= kMul1;
-  x ^= x >> 27;
-  x *= kMul2;
-  x ^= x >> 31;
-  return x;
-}
-
 }  // namespace
 
 BlockHash64 hash_block64(BlockHash64 parent, std::span<const TokenId> tokens) noexcept {
-  std::uint64_t h = mix(parent ^ (static_cast<std::uint64_t>(tokens.size()) * kPrime));
+  std::uint64_t h = mix64(parent ^ (static_cast<std::uint64_t>(tokens.size()) * kPrime));
   std::size_t i = 0;
   for (; i + 1 < tokens.size(); i += 2) {
     std::uint64_t word = (static_cast<std::uint64_t>(tokens[i]) << 32) | tokens[i + 1];
-    h = mix(h ^ (word * kPrime)) + kMul2;
+    h = mix64(h ^ (word * kPrime)) + kMul2;
   }
-  if (i < tokens.size()) h = mix(h ^ (static_cast<std::uint64_t>(tokens[i]) * kPrime)) + kMul1;
-  return mix(h);
+  if (i < tokens.size()) h = mix64(h ^ (static_cast<std::uint64_t>(tokens[i]) * kPrime)) + kMul1;
+  return mix64(h);
 }
 
 std::vector<BlockHash64> hash_blocks64(std::span<const TokenId> tokens, std::size_t block_size,

@@ -1,5 +1,7 @@
 #include <omni/policy.hpp>
 
+#include <omni/block_hash.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -8,16 +10,6 @@
 
 namespace omni {
 namespace {
-
-// splitmix64 finaliser: full avalanche on 64 bits.
-constexpr std::uint64_t mix(std::uint64_t x) noexcept {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
 
 // Salts keep the derived streams (tie keys, second sample) independent of the seed itself.
 constexpr std::uint64_t kSeedSalt = 0x6a09e667f3bcc909ULL;
@@ -72,7 +64,7 @@ struct Ranked {
 // Weighted rendezvous key (exponential race): -ln(u) / weight with u uniform in (0,1) from
 // (seed, backend id). The smallest key wins, with probability proportional to weight.
 double rendezvous_key(std::uint64_t seed, const BackendState& backend) noexcept {
-  const std::uint64_t h = mix(seed ^ mix(backend.id ^ kIdSalt));
+  const std::uint64_t h = mix64(seed ^ mix64(backend.id ^ kIdSalt));
   const double u = (static_cast<double>(h >> 11) + 0.5) * 0x1p-53;
   return -std::log(u) / static_cast<double>(std::max<std::uint32_t>(backend.weight, 1));
 }
@@ -114,7 +106,7 @@ std::string format_score(double v) {
 }  // namespace
 
 std::uint64_t pick_seed(std::uint64_t request_hash) noexcept {
-  return mix(request_hash ^ kSeedSalt);
+  return mix64(request_hash ^ kSeedSalt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,7 +358,7 @@ PickerChoice MaxScorePicker::choose(std::span<const CandidateScore> candidates,
 std::pair<std::size_t, std::size_t> PowerOfTwoChoicesPicker::sample(std::uint64_t seed,
                                                                     std::size_t n) noexcept {
   const std::size_t first = static_cast<std::size_t>(seed % n);
-  const std::size_t offset = 1 + static_cast<std::size_t>(mix(seed ^ kSampleSalt) % (n - 1));
+  const std::size_t offset = 1 + static_cast<std::size_t>(mix64(seed ^ kSampleSalt) % (n - 1));
   return {first, (first + offset) % n};
 }
 

@@ -16,29 +16,20 @@ constexpr int kSpins = 64;
 // A set lock older than this many recorded keys was left by a writer that died: take it over.
 constexpr std::uint64_t kStaleLockAge = std::uint64_t{1} << 20;
 
-std::uint64_t mix(std::uint64_t x) noexcept {  // splitmix64's finaliser
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
 std::uint64_t nonzero(std::uint64_t key) noexcept { return key == 0 ? 1 : key; }
 
-// A chained hash of one block of bytes given its parent: 8-byte words folded through mix().
+// A chained hash of one block of bytes given its parent: 8-byte words folded through mix64().
 std::uint64_t hash_bytes(std::uint64_t parent, std::string_view bytes) noexcept {
-  std::uint64_t h = mix(parent ^ (bytes.size() * 0x9fb21c651e98df25ULL));
+  std::uint64_t h = mix64(parent ^ (bytes.size() * 0x9fb21c651e98df25ULL));
   std::size_t i = 0;
   for (; i + 8 <= bytes.size(); i += 8) {
     std::uint64_t w;
     std::memcpy(&w, bytes.data() + i, 8);
-    h = mix(h ^ w) + 0x94d049bb133111ebULL;
+    h = mix64(h ^ w) + 0x94d049bb133111ebULL;
   }
   std::uint64_t tail = 0;
   std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
-  return mix(h ^ tail ^ 0xbf58476d1ce4e5b9ULL);
+  return mix64(h ^ tail ^ 0xbf58476d1ce4e5b9ULL);
 }
 
 }  // namespace
@@ -54,7 +45,7 @@ PrefixKeys prefix_keys_from_ids(std::span<const TokenId> ids, const PrefixKeyOpt
   out.block_units = std::max<std::size_t>(1, options.block_tokens);
   const std::size_t blocks = std::min(ids.size() / out.block_units, options.max_blocks);
   out.blocks.reserve(blocks);
-  std::uint64_t parent = kRootBlockHash ^ mix(options.salt);
+  std::uint64_t parent = kRootBlockHash ^ mix64(options.salt);
   for (std::size_t b = 0; b < blocks; ++b) {
     parent = hash_block64(parent, ids.subspan(b * out.block_units, out.block_units));
     out.blocks.push_back(nonzero(parent));
@@ -68,7 +59,7 @@ PrefixKeys prefix_keys_from_text(std::string_view text, const PrefixKeyOptions& 
   out.block_units = std::max<std::size_t>(1, options.block_bytes);
   const std::size_t blocks = std::min(text.size() / out.block_units, options.max_blocks);
   out.blocks.reserve(blocks);
-  std::uint64_t parent = kRootBlockHash ^ mix(options.salt ^ 0x7465787400000000ULL);
+  std::uint64_t parent = kRootBlockHash ^ mix64(options.salt ^ 0x7465787400000000ULL);
   for (std::size_t b = 0; b < blocks; ++b) {
     parent = hash_bytes(parent, text.substr(b * out.block_units, out.block_units));
     out.blocks.push_back(nonzero(parent));
@@ -190,7 +181,7 @@ struct PrefixTable::Layout {
   }
   PrefixEntry* set_of(std::uint64_t key) noexcept {
     const auto set = static_cast<std::uint64_t>(
-        (static_cast<unsigned __int128>(mix(key)) * sets) >> 64);
+        (static_cast<unsigned __int128>(mix64(key)) * sets) >> 64);
     return entries() + set * kWays;
   }
   std::atomic<std::uint64_t>& lock_of(const PrefixEntry* set) noexcept {
@@ -237,7 +228,7 @@ std::unique_ptr<PrefixTable> PrefixTable::attach(void* region, std::size_t bytes
 
 namespace {
 std::uint64_t salted(std::uint64_t key, std::uint64_t salt) noexcept {
-  return salt == 0 ? key : nonzero(key ^ mix(salt));
+  return salt == 0 ? key : nonzero(key ^ mix64(salt));
 }
 }  // namespace
 
@@ -269,11 +260,13 @@ void PrefixTable::insert(std::span<const std::uint64_t> keys, std::uint64_t salt
   Layout& l = *layout_;
   if (tenant >= kMaxTenants || counter >= l.counters || counter < tenant) return;
   const std::uint64_t bit = std::uint64_t{1} << tenant;
+  // One clock reading per call: the keys take consecutive stamps, in order.
+  std::uint64_t now = l.clock.fetch_add(keys.size(), std::memory_order_relaxed);
   for (const std::uint64_t unsalted : keys) {
     const std::uint64_t key = salted(unsalted, salt);
     PrefixEntry* set = l.set_of(key);
     std::atomic<std::uint64_t>& lock = l.lock_of(set);
-    const std::uint64_t now = l.clock.fetch_add(1, std::memory_order_relaxed) + 1;
+    ++now;
     bool locked = false;
     for (int spin = 0; spin < kSpins && !locked; ++spin) {
       std::uint64_t held = lock.load(std::memory_order_relaxed);
@@ -377,7 +370,7 @@ std::optional<CacheAwareDecision> cache_aware_choose(const PoolSnapshot& pool,
   if (candidates.empty()) return std::nullopt;
   auto load = [&](std::size_t i) { return static_cast<std::uint64_t>(pool[i].outstanding); };
   // Ties go to a per-request hash of the server id, so equal servers share the requests.
-  auto tiebreak = [&](std::size_t i) { return mix(seed ^ pool[i].id); };
+  auto tiebreak = [&](std::size_t i) { return mix64(seed ^ pool[i].id); };
   std::uint64_t min_load = std::numeric_limits<std::uint64_t>::max();
   std::uint64_t max_load = 0;
   std::uint64_t eligible = 0;

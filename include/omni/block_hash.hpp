@@ -20,6 +20,17 @@ using TokenId = std::uint32_t;
 using BlockHash64 = std::uint64_t;
 using BlockDigest = std::array<std::uint8_t, 32>;
 
+// The splitmix64 finaliser: full avalanche on 64 bits. The one mixing step behind the block
+// hashes, policy tie-breaking, the prefix table and the replayer's random streams.
+constexpr std::uint64_t mix64(std::uint64_t x) noexcept {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
 // Hash of the empty prefix, the parent of block 0.
 inline constexpr BlockHash64 kRootBlockHash = 0x9e3779b97f4a7c15ULL;
 
