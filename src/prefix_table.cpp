@@ -125,29 +125,37 @@ PrefixKeys prefix_keys_of(const ParsedBody& body, const PrefixKeyOptions& option
     keys.units = units;
     return keys;
   }
-  // Chat: the text of the messages in order, each as "role\ncontent\n".
+  // Chat: the text of the messages in order, each as "role\ncontent\n". Only the first
+  // `limit` bytes are kept (the keys cover no more); `units` counts them all.
   std::string text;
+  std::size_t units = 0;
+  auto append = [&](std::string_view part) {
+    units += part.size();
+    if (text.size() < limit) text.append(part.substr(0, limit - text.size()));
+  };
   auto messages = j.find("messages");
   if (messages != j.end() && messages->is_array()) {
     for (const auto& m : *messages) {
       if (!m.is_object()) continue;
       auto role = m.find("role");
-      if (role != m.end() && role->is_string()) text += role->get_ref<const std::string&>();
-      text += '\n';
+      if (role != m.end() && role->is_string()) append(role->get_ref<const std::string&>());
+      append("\n");
       auto content = m.find("content");
       if (content != m.end() && content->is_string()) {
-        text += content->get_ref<const std::string&>();
+        append(content->get_ref<const std::string&>());
       } else if (content != m.end() && content->is_array()) {
         for (const auto& part : *content) {
           if (!part.is_object()) continue;
           auto t = part.find("text");
-          if (t != part.end() && t->is_string()) text += t->get_ref<const std::string&>();
+          if (t != part.end() && t->is_string()) append(t->get_ref<const std::string&>());
         }
       }
-      text += '\n';
+      append("\n");
     }
   }
-  return prefix_keys_from_text(text, options);
+  PrefixKeys keys = prefix_keys_from_text(text, options);
+  keys.units = units;
+  return keys;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -97,6 +97,14 @@ TEST(PrefixKeys, TextAndParsedBodies) {
   EXPECT_EQ(c1.blocks[0], c2.blocks[0]);  // the shared system prompt
   EXPECT_NE(c1.blocks.back(), c2.blocks.back());
 
+  // A chat longer than the keys cover: keyed on its first max_blocks blocks, its whole length
+  // still counted (the match rate's denominator).
+  PrefixKeyOptions two = o;
+  two.max_blocks = 2;
+  PrefixKeys short_keys = prefix_keys_of(*chat1, two);
+  EXPECT_EQ(short_keys.blocks, std::vector<std::uint64_t>(c1.blocks.begin(), c1.blocks.begin() + 2));
+  EXPECT_EQ(short_keys.units, c1.units);
+
   auto generate = parse_request_body(Api::kGenerate, R"({"input_ids": [1,2,3,4,5,6,7,8]})");
   ASSERT_TRUE(generate.ok());
   EXPECT_EQ(prefix_keys_of(*generate, o).blocks, prefix_keys_from_ids(tokens(8, 1), o).blocks);
