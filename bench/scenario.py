@@ -12,7 +12,11 @@ systems differ only in who chooses each leg's server:
   random_two          nginx random two least_conn (shared zone)
   hash_prefix         nginx hash $omni_prefix_key consistent (first 256 prompt tokens)
   sglang_cache_aware  SGLang's cache-aware rule, re-implemented (omni_proxy_policy cache_aware)
-  omni                our module's default policy
+  omni                our module's default policy (least outstanding, cache-blind)
+  omni_kv             omni_proxy_policy kv_aware over the engines' KV events
+  omni_kv_approx      omni_proxy_policy kv_aware, approximate mode (no events)
+
+Every engine publishes KV events in every run (equal engine cost); only omni_kv reads them.
 
 The order of the systems rotates with each repeat, so drift on the shared machine does not
 always hit the same one. Afterwards the engines' own counters give each run's prefix-cache hit
@@ -22,7 +26,11 @@ rate (one shared cache of the cluster's total prefill capacity) is computed by o
 error.log), results.json, report.md (the tables) and, with python3-matplotlib, the plots
 (SVG). --docs also copies the plots to docs/img/.
 
-usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure] [--systems ...]
+Traces: mooncake and azure (slices of the real traces in ../shared/data) and multitenant, a
+synthetic multi-tenant shared-prefix workload (omni-bench --synthetic: 8 tenants' 2,048-token
+system prompts, 32 users each, conversations of up to 4 turns).
+
+usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure,multitenant] [--systems ...]
                          [--loads 0.5,1,1.5] [--repeats 2] [--time-scale 0.1] [--docs] [--quick]
 """
 import argparse
@@ -41,20 +49,31 @@ import urllib.request
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# name: (label, upstream balancer, location policy, omni_proxy_kv_cache mode)
 SYSTEMS = {
-    "round_robin": ("nginx round robin", "", "omni_proxy_policy upstream;"),
-    "least_conn": ("nginx least_conn", "least_conn;", ""),
-    "random_two": ("nginx random two least_conn", "random two least_conn;", ""),
-    "hash_prefix": ("nginx hash $omni_prefix_key consistent", "hash $omni_prefix_key consistent;", ""),
+    "round_robin": ("nginx round robin", "", "omni_proxy_policy upstream;", None),
+    "least_conn": ("nginx least_conn", "least_conn;", "", None),
+    "random_two": ("nginx random two least_conn", "random two least_conn;", "", None),
+    "hash_prefix": ("nginx hash $omni_prefix_key consistent", "hash $omni_prefix_key consistent;", "",
+                    None),
     "sglang_cache_aware": ("SGLang cache-aware rule (re-implemented)", "",
-                           "omni_proxy_policy cache_aware;"),
-    "omni": ("omni_proxy (least outstanding)", "", ""),
+                           "omni_proxy_policy cache_aware;", None),
+    "omni": ("omni_proxy (least outstanding)", "", "", None),
+    "omni_kv": ("omni_proxy kv_aware (KV events)", "", "omni_proxy_policy kv_aware;", "events"),
+    "omni_kv_approx": ("omni_proxy kv_aware (approximate)", "", "omni_proxy_policy kv_aware;",
+                       "approximate"),
 }
+# Port layout of a run: HTTP ports from a base, KV-event PUB ports at +100, replay at +200
+# (prefill instances first, decode instances from +10).
+PUB_OFFSET, REPLAY_OFFSET = 100, 200
 
 # Trace slices: (omni-bench trace spec, file under the data folder, start s, window s).
 TRACES = {
     "mooncake": ("mooncake", "traces/mooncake_synthetic_trace.jsonl", 0, 240),
     "azure": ("azure", "traces/azure_code_trace.csv", 0, 200),
+    # 240 s at 3.5 req/s: about Mooncake's rate, with more shared prefix.
+    "multitenant": ("synthetic", "arrival=poisson,rate=3.5,input=lognormal:6000:0.6,"
+                    "output=lognormal:250:0.6,prefixes=8,prefix_len=2048,users=32,turns=4", 0, 240),
 }
 
 PREFILL_PROFILE = "deepseek-v3-h800-prefill"
@@ -69,6 +88,30 @@ def data_dir():
         if d and os.path.isdir(os.path.join(d, "traces")):
             return os.path.abspath(d)
     sys.exit("scenario: no trace folder; set OMNI_DATA_DIR to the folder holding traces/")
+
+
+def port_block(count):
+    """The first of `count` consecutive ports that are free right now."""
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+        s.close()
+        if base + count > 65535:
+            continue
+        held = []
+        try:
+            for p in range(base, base + count):
+                t = socket.socket()
+                t.bind(("127.0.0.1", p))
+                held.append(t)
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise RuntimeError("no block of %d free ports" % count)
 
 
 def free_port():
@@ -89,11 +132,14 @@ def wait_for(predicate, timeout, what):
 class Sim:
     """One omni-sim process of `instances` instances."""
 
-    def __init__(self, binary, run_dir, name, args):
+    def __init__(self, binary, run_dir, name, args, port=0):
         self.ready = os.path.join(run_dir, name + ".ready.json")
         self.log = open(os.path.join(run_dir, name + ".log"), "wb")
+        events = ["--kv-events-port", str(port + PUB_OFFSET), "--kv-replay-port",
+                  str(port + REPLAY_OFFSET)] if port else []
         self.proc = subprocess.Popen(
-            [binary, "--port", "0", "--ready-file", self.ready, "--duration", "3600"] + args,
+            [binary, "--port", str(port), "--ready-file", self.ready, "--duration", "3600"] +
+            events + args,
             stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.ready) or self.proc.poll() is not None, 30,
                  "omni-sim " + name)
@@ -129,7 +175,15 @@ class Sim:
 
 
 def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports):
-    _, balancer, policy = SYSTEMS[system]
+    _, balancer, policy, kv = SYSTEMS[system]
+    if kv == "events":
+        kv_conf = "".join("    omni_proxy_kv_cache %s events pub_port_offset=%d replay_port_offset=%d;\n"
+                          % (name, PUB_OFFSET, REPLAY_OFFSET) for name in ("prefill", "decode"))
+    elif kv == "approximate":
+        kv_conf = "".join("    omni_proxy_kv_cache %s approximate block_size=%d;\n" % (name, BLOCK_SIZE)
+                          for name in ("prefill", "decode"))
+    else:
+        kv_conf = ""
 
     def upstream(name, ports):
         servers = "".join("        server 127.0.0.1:%d;\n" % p for p in ports)
@@ -148,8 +202,8 @@ http {{
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
-    omni_proxy_zone omni 64m;
-{prefill}{decode}    server {{
+    omni_proxy_zone omni 128m;
+{prefill}{decode}{kv}    server {{
         listen 127.0.0.1:{port} backlog=4096;
         location /v1/ {{
             omni_proxy;
@@ -162,7 +216,7 @@ http {{
         location /omni/status {{ omni_proxy_status; }}
     }}
 }}
-""".format(module=module, d=run_dir, port=port, policy=policy,
+""".format(module=module, d=run_dir, port=port, policy=policy, kv=kv_conf,
            prefill=upstream("prefill", prefill_ports), decode=upstream("decode", decode_ports))
 
 
@@ -199,6 +253,8 @@ class Nginx:
 def trace_args(trace, data, args):
     kind, path, start, window = TRACES[trace]
     window = args.window or window
+    if kind == "synthetic":
+        return ["--synthetic", "duration=%g,%s" % (window, path)]
     return ["--trace", "%s:%s" % (kind, os.path.join(data, path)), "--start", str(start),
             "--window", str(window)]
 
@@ -211,11 +267,12 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
     try:
         common = ["--engine", "vllm", "--instances", str(args.instances), "--time-scale",
                   str(scale), "--seed", str(1 + repeat)]
+        base = port_block(REPLAY_OFFSET + 20)
         prefill = Sim(bins["sim"], run_dir, "prefill",
-                      common + ["--role", "prefill", "--profile", PREFILL_PROFILE])
+                      common + ["--role", "prefill", "--profile", PREFILL_PROFILE], port=base)
         sims.append(prefill)
         decode = Sim(bins["sim"], run_dir, "decode",
-                     common + ["--role", "decode", "--profile", DECODE_PROFILE])
+                     common + ["--role", "decode", "--profile", DECODE_PROFILE], port=base + 10)
         sims.append(decode)
         port = free_port()
         nginx = Nginx(run_dir, nginx_conf(run_dir, bins["module"], port, system, prefill.ports(),
@@ -234,6 +291,12 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
         hits, queries = prefill.counters()
         summary["prefill_hit_rate"] = hits / queries if queries else 0.0
         summary["nginx_bad_log_lines"] = nginx.bad_log_lines()
+        try:
+            st = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/omni/status" % port,
+                                                   timeout=10).read())
+            summary["kv_status"] = st.get("kv")
+        except Exception:  # noqa: BLE001 (a report detail, not a result)
+            summary["kv_status"] = None
         return summary
     finally:
         if nginx is not None:
@@ -451,7 +514,7 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default=os.path.join(SOURCE, "build"))
     p.add_argument("--out", default=None, help="results folder (default: a new one in /tmp)")
-    p.add_argument("--traces", default="mooncake,azure")
+    p.add_argument("--traces", default="mooncake,azure,multitenant")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--loads", default="0.5,1,1.5",
                    help="offered loads, multiples of the trace's rate")

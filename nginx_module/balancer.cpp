@@ -155,6 +155,9 @@ std::int32_t pick(const Pool& pool, ngx_http_upstream_rr_peers_t* peers, const P
   if (choice.lcf != nullptr && choice.lcf->policy == kPolicyCacheAware) {
     return pick_cache_aware(pool, snap, f, choice);
   }
+  if (choice.lcf != nullptr && choice.lcf->policy == kPolicyKvAware) {
+    return kv_pick(pool, snap, f, choice);
+  }
   const omni::Pick p = policy().pick(f, snap, std::chrono::steady_clock::now());
   if (p.status != omni::PickStatus::kPicked || !p.chosen) return -1;
   return static_cast<std::int32_t>(*p.chosen);

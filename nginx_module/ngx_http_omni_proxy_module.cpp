@@ -43,7 +43,7 @@ using omni::ngx::log_exception;
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 4;
+constexpr uint32_t kZoneLayoutVersion = 5;
 constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
 constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
 constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
@@ -67,6 +67,10 @@ struct ZoneHeader {
   uint64_t state_bytes;
   uint64_t prefix_offset;    // the PrefixTable region (0: none)
   uint64_t prefix_bytes;
+  uint64_t kv_index_offset;  // the KV index (kv_aware, omni_proxy_kv_cache; 0: none)
+  uint64_t kv_index_bytes;
+  uint64_t kv_shared_offset; // its bookkeeping: subscriber lease, feed stats, accounting
+  uint64_t kv_shared_bytes;
   std::atomic<int32_t> poller_pid;  // the worker polling engine metrics (0: none)
   int32_t pad;
   std::atomic<uint64_t> poller_beat_msec;  // when that worker last polled (ngx_current_msec)
@@ -111,6 +115,7 @@ ngx_conf_num_bounds_t inflight_bounds = {ngx_conf_check_num_bounds, 0,
 ngx_conf_num_bounds_t queue_bounds = {ngx_conf_check_num_bounds, 0,
                                       static_cast<ngx_int_t>(kMaxQueueLimit)};
 ngx_conf_num_bounds_t port_bounds = {ngx_conf_check_num_bounds, 1, 65535};
+ngx_conf_num_bounds_t kv_blocks_bounds = {ngx_conf_check_num_bounds, 1024, 1 << 24};
 ngx_conf_num_bounds_t prefix_table_bounds = {ngx_conf_check_num_bounds, 1024,
                                              static_cast<ngx_int_t>(kMaxPrefixEntries)};
 
@@ -126,6 +131,10 @@ ngx_command_t commands[] = {
      ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, poll_timeout), nullptr},
     {ngx_string("omni_proxy_prefix_table"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_bounded_num,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, prefix_entries), &prefix_table_bounds},
+    {ngx_string("omni_proxy_kv_cache"), NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
+     omni::ngx::set_kv_cache, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_kv_index_blocks"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     set_bounded_num, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, kv_blocks), &kv_blocks_bounds},
     {ngx_string("omni_proxy_tokenizer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE23, set_tokenizer,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("omni_proxy_tokenize"), kAnyLevel | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
@@ -233,6 +242,7 @@ MainConf* main_conf(ngx_cycle_t* cycle) {
 void reclaim(ngx_log_t* log) noexcept try {
   omni::SharedState* st = runtime().state.get();
   if (st == nullptr) return;
+  omni::ngx::kv_reclaim();
   const std::size_t freed = st->reclaim_dead(omni::pid_alive);
   if (freed > 0) {
     ngx_log_error(NGX_LOG_WARN, log, 0,
@@ -273,6 +283,10 @@ ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
                     "locations choose by load alone", &mcf->zone->shm.name);
     }
   }
+  if (hdr->kv_index_offset != 0) {
+    omni::ngx::kv_init_process(cycle, base + hdr->kv_index_offset, hdr->kv_index_bytes,
+                               base + hdr->kv_shared_offset, hdr->kv_shared_bytes);
+  }
   reclaim(cycle->log);  // a worker that just replaced a dead one frees its slots at once
   rt.reclaim_timer.handler = reclaim_tick;
   rt.reclaim_timer.log = cycle->log;
@@ -289,6 +303,7 @@ ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
 void exit_process(ngx_cycle_t*) noexcept {
   Runtime& rt = runtime();
   omni::ngx::poller_stop();
+  omni::ngx::kv_exit_process();
   omni::ngx::proxy_exit_process();
   if (rt.reclaim_timer.timer_set) ngx_del_timer(&rt.reclaim_timer);
   if (rt.zone != nullptr) {
@@ -384,6 +399,7 @@ void* create_main_conf(ngx_conf_t* cf) noexcept try {
   mcf->poll_interval = NGX_CONF_UNSET_MSEC;
   mcf->poll_timeout = NGX_CONF_UNSET_MSEC;
   mcf->prefix_entries = NGX_CONF_UNSET_UINT;
+  mcf->kv_blocks = NGX_CONF_UNSET_UINT;
   return mcf;
 } catch (...) {
   log_exception(cf->log, "create_main_conf");
@@ -541,6 +557,7 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
     conf->policy = prev->policy;
     conf->cache_aware = prev->cache_aware;
     conf->prefix = prev->prefix;
+    conf->kv = prev->kv;
   }
   ngx_conf_merge_uint_value(conf->policy, prev->policy, omni::ngx::kPolicyLeastOutstanding);
   ngx_conf_merge_value(conf->route_header, prev->route_header, 0);
@@ -597,6 +614,17 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
     }
     mcf->registry->prefix_entries = 1;  // sized in finalize_registry
   }
+  if (conf->policy == omni::ngx::kPolicyKvAware) {
+    // Pools without an omni_proxy_kv_cache declaration are predicted from routing.
+    auto* mcf = static_cast<MainConf*>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+    for (Pool& pool : mcf->registry->pools) {
+      if ((pool.uscf == conf->decode.upstream || pool.uscf == conf->prefill.upstream) &&
+          pool.kv_mode == omni::ngx::KvMode::kNone) {
+        pool.kv_mode = omni::ngx::KvMode::kApproximate;
+      }
+    }
+  }
 
   auto* clcf = static_cast<ngx_http_core_loc_conf_t*>(
       ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
@@ -645,7 +673,8 @@ std::size_t prefix_table_bytes(const Registry& reg) {
 }
 
 // FNV-1a over the state config: a changed backend or group set needs a fresh zone.
-uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entries) {
+uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entries,
+                     std::uint64_t kv_blocks) {
   uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::string_view s) {
     for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ULL;
@@ -653,6 +682,7 @@ uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entr
   };
   mix(std::to_string(kZoneLayoutVersion));
   mix(std::to_string(prefix_entries));
+  mix(std::to_string(kv_blocks));
   mix(std::to_string(c.max_backends) + "/" + std::to_string(c.max_owners) + "/" +
       std::to_string(c.max_groups));
   for (const omni::BackendSpec& b : c.backends) {
@@ -738,7 +768,8 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
       }
     }
   }
-  reg.fingerprint = fingerprint(sc, reg.prefix_entries);
+  if (!omni::ngx::kv_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
+  reg.fingerprint = fingerprint(sc, reg.prefix_entries, reg.kv_blocks);
   omni::ngx::install_balancer(reg);
   if (!reg.groups.empty() && mcf->zone == nullptr) {
     return conf_error(cf, "\"omni_proxy_max_inflight\" needs \"omni_proxy_zone\": the limits "
@@ -747,11 +778,13 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
 
   if (mcf->zone != nullptr) {
     const std::size_t need = omni::SharedState::required_bytes(sc) + prefix_table_bytes(reg) +
-                             5 * ngx_pagesize;
+                             omni::ngx::kv_index_bytes(reg) + omni::ngx::kv_shared_bytes(reg) +
+                             7 * ngx_pagesize;
     if (mcf->zone->shm.size < need) {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"omni_proxy_zone\": zone \"%V\" of %uz bytes is too small for %uz "
-                         "servers, %uz limit groups and the prefix table; it needs at least %uzk",
+                         "servers, %uz limit groups, the prefix table and the KV index; it needs "
+                         "at least %uzk",
                          &mcf->zone->shm.name, mcf->zone->shm.size, sc.backends.size(),
                          sc.groups.size(), (need + 1023) / 1024);
       return static_cast<char*>(NGX_CONF_ERROR);
@@ -837,8 +870,49 @@ char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept
   return NGX_CONF_OK;
 }
 
+// omni_proxy_policy kv_aware [epsilon=E] [tie=F] [kv_usage_high=U] [prefill_tps=N]
+//                            [decode_slack=F]
+char* set_kv_policy(ngx_conf_t* cf, ngx_command_t* cmd, LocConf* lcf) {
+  auto* value = static_cast<ngx_str_t*>(cf->args->elts);
+  auto* o = static_cast<omni::ngx::KvPolicyOptions*>(
+      ngx_palloc(cf->pool, sizeof(omni::ngx::KvPolicyOptions)));
+  if (o == nullptr) return static_cast<char*>(NGX_CONF_ERROR);
+  new (o) omni::ngx::KvPolicyOptions();
+  static_assert(std::is_trivially_destructible_v<omni::ngx::KvPolicyOptions>);
+  for (ngx_uint_t i = 2; i < cf->args->nelts; ++i) {
+    const std::string arg(reinterpret_cast<const char*>(value[i].data), value[i].len);
+    const std::size_t eq = arg.find('=');
+    const std::string name = arg.substr(0, eq);
+    const std::string text = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    char* end = nullptr;
+    errno = 0;
+    const double number = text.empty() ? -1 : std::strtod(text.c_str(), &end);
+    const bool numeric = !text.empty() && end != nullptr && *end == '\0' && errno == 0 &&
+                         std::isfinite(number);
+    if (name == "epsilon" && numeric && number >= 0 && number <= 10) {
+      o->epsilon = number;
+    } else if (name == "tie" && numeric && number >= 0 && number <= 1) {
+      o->tie_fraction = number;
+    } else if (name == "kv_usage_high" && numeric && number > 0 && number <= 1) {
+      o->kv_usage_high = number;
+    } else if (name == "prefill_tps" && numeric && number >= 1 && number <= 1e9) {
+      o->prefill_tps = number;
+    } else if (name == "decode_slack" && numeric && number >= 0 && number <= 10) {
+      o->decode_slack = number;
+    } else {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "\"%V kv_aware\": invalid parameter \"%V\"; use epsilon=0..10, tie=0..1, "
+                         "kv_usage_high=0..1, prefill_tps=N, decode_slack=0..10",
+                         &cmd->name, &value[i]);
+      return static_cast<char*>(NGX_CONF_ERROR);
+    }
+  }
+  lcf->kv = o;
+  return NGX_CONF_OK;
+}
+
 // ngx_conf_set_enum_slot, with a message that names the directive and the choices.
-// omni_proxy_policy least_outstanding | upstream | cache_aware [name=value ...]
+// omni_proxy_policy least_outstanding | upstream | cache_aware | kv_aware [name=value ...]
 char* set_policy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
   auto* lcf = static_cast<LocConf*>(conf);
   if (lcf->policy != NGX_CONF_UNSET_UINT) return const_cast<char*>("is duplicate");
@@ -850,10 +924,13 @@ char* set_policy(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
     lcf->policy = omni::ngx::kPolicyUpstream;
   } else if (kind == "cache_aware") {
     lcf->policy = omni::ngx::kPolicyCacheAware;
+  } else if (kind == "kv_aware") {
+    lcf->policy = omni::ngx::kPolicyKvAware;
+    return set_kv_policy(cf, cmd, lcf);
   } else {
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "\"%V\": invalid value \"%V\"; use one of: least_outstanding, upstream, "
-                       "cache_aware", &cmd->name, &value[1]);
+                       "cache_aware, kv_aware", &cmd->name, &value[1]);
     return static_cast<char*>(NGX_CONF_ERROR);
   }
   if (lcf->policy != omni::ngx::kPolicyCacheAware && cf->args->nelts > 2) {
@@ -1004,6 +1081,24 @@ ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
     hdr->prefix_offset = static_cast<uint64_t>(static_cast<u_char*>(table) - shm_zone->shm.addr);
     hdr->prefix_bytes = bytes;
   }
+  // The KV index and its bookkeeping (kv_aware locations, omni_proxy_kv_cache).
+  if (reg.kv_blocks > 0) {
+    const std::size_t ib = omni::ngx::kv_index_bytes(reg);
+    const std::size_t sb = omni::ngx::kv_shared_bytes(reg);
+    void* index = ngx_slab_alloc(shpool, ib);
+    void* shared = index != nullptr ? ngx_slab_alloc(shpool, sb) : nullptr;
+    if (shared == nullptr ||
+        !omni::ngx::kv_create(index, ib, shared, sb, reg, shm_zone->shm.log)) {
+      ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                    "omni_proxy_zone \"%V\": no room for the KV index of %uz bytes",
+                    &shm_zone->shm.name, ib + sb);
+      return NGX_ERROR;
+    }
+    hdr->kv_index_offset = static_cast<uint64_t>(static_cast<u_char*>(index) - shm_zone->shm.addr);
+    hdr->kv_index_bytes = ib;
+    hdr->kv_shared_offset = static_cast<uint64_t>(static_cast<u_char*>(shared) - shm_zone->shm.addr);
+    hdr->kv_shared_bytes = sb;
+  }
   // The largest run of pages left holds the shared state.
   void* region = nullptr;
   size_t bytes = static_cast<size_t>(shpool->pfree) * ngx_pagesize;
@@ -1151,6 +1246,7 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
     j["prefix_table"] = {{"entries", ps.entries}, {"used", ps.used}, {"inserts", ps.inserts},
                          {"evictions", ps.evictions}, {"contended", ps.contended}};
   }
+  if (auto kv = omni::ngx::kv_status_json(); !kv.is_null()) j["kv"] = std::move(kv);
   return omni::ngx::send_json(r, NGX_HTTP_OK, j.dump() + "\n");
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_status");
@@ -1192,6 +1288,7 @@ ngx_int_t metrics_handler(ngx_http_request_t* r) noexcept try {
              "Prefix-table writes skipped because another worker held the set.");
     w.sample("omni_proxy_prefix_table_contended_total", none, static_cast<double>(ps.contended));
   }
+  omni::ngx::kv_render_metrics(w);
   return omni::ngx::send_body(r, NGX_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
                               w.str());
 } catch (...) {

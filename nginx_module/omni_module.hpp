@@ -6,12 +6,15 @@
 #include <omni/chat_template.hpp>
 #include <omni/engine_metrics.hpp>
 #include <omni/prefix_table.hpp>
+#include <omni/prometheus.hpp>
+#include <nlohmann/json.hpp>
 #include <omni/shared_state.hpp>
 #include <omni/tokenizer.hpp>
 
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -39,6 +42,23 @@ enum PolicyKind : ngx_uint_t {
   kPolicyLeastOutstanding = 1,  // the core policy: fewest outstanding requests over all workers
   kPolicyUpstream = 2,          // the upstream block's own balancer (round robin, least_conn, ...)
   kPolicyCacheAware = 3,        // a re-implementation of SGLang's cache-aware rule
+  kPolicyKvAware = 4,           // ours: expected TTFT over the KV index, bounded-load ring (kv.cpp)
+};
+
+// How a pool's prefix caches are known (omni_proxy_kv_cache).
+enum class KvMode : std::uint8_t {
+  kNone,         // not indexed
+  kEvents,       // the engines' KV events, read by the subscriber
+  kApproximate,  // predicted from the proxy's own routing, bounded by the engines' capacity
+};
+
+// Parameters of omni_proxy_policy kv_aware (pool memory, trivially destructible).
+struct KvPolicyOptions {
+  double epsilon = 0.25;           // bounded-load slack for cold prefixes
+  double tie_fraction = 0.05;      // expected TTFTs this close are a tie: more cached wins
+  double kv_usage_high = 0.95;     // KV usage at which an instance is avoided
+  double prefill_tps = 20000;      // prefill speed assumed before one is measured, tokens/s
+  double decode_slack = 0.10;      // decode loads this close are equal: more cached wins
 };
 
 // Which leg an upstream request is.
@@ -56,6 +76,16 @@ struct Pool {
   bool flavor_set = false;
   bool sglang_prefill = false;  // prefill pool of a parallel location: learn bootstrap ports
   bool cache_aware = false;     // a cache_aware location uses it: at most 64 servers
+  // KV-cache index (omni_proxy_kv_cache; kv_aware locations default to approximate).
+  KvMode kv_mode = KvMode::kNone;
+  bool kv_declared = false;          // an omni_proxy_kv_cache directive names this block
+  int kv_pub_offset = 0;             // events: PUB port = server port + offset
+  int kv_replay_offset = 0;          // events: replay port = server port + offset
+  bool kv_replay = false;            // events: the engines have a replay socket
+  std::string kv_topic;              // events: SUB topic prefix
+  std::uint32_t kv_block_size = 0;   // tokens per block; 0: learned from the engines
+  std::uint32_t kv_max_blocks = 0;   // per-server bound; 0: the engine's num_gpu_blocks
+  std::uint16_t kv_pool_index = 0;   // position among the registry's pools
   struct Server {
     std::string name;  // host:port as nginx prints it
     std::string host;  // without the port
@@ -82,6 +112,21 @@ struct Registry {
   std::vector<std::string> groups;   // limit group names (locations with limits)
   omni::SharedStateConfig state_config;
   std::uint64_t prefix_entries = 0;  // entries of the shared prefix table; 0: no table
+  std::uint32_t kv_blocks = 0;       // blocks per server of the KV index; 0: no index
+  // omni_proxy_kv_cache declarations, resolved against the pools at postconfiguration.
+  struct KvDecl {
+    std::string upstream;
+    KvMode mode = KvMode::kApproximate;
+    int pub_offset = 0;
+    int replay_offset = 0;
+    bool replay = false;
+    std::string topic;
+    std::uint32_t block_size = 0;
+    std::uint32_t max_blocks = 0;
+    std::string file;  // where it was declared, for errors
+    ngx_uint_t line = 0;
+  };
+  std::vector<KvDecl> kv_decls;
   std::uint64_t fingerprint = 0;     // of state_config and the table; a change gets a fresh zone
 };
 
@@ -91,6 +136,7 @@ struct MainConf {
   ngx_msec_t poll_interval;  // omni_proxy_poll_interval; 0 disables polling
   ngx_msec_t poll_timeout;   // omni_proxy_poll_timeout
   ngx_uint_t prefix_entries; // omni_proxy_prefix_table
+  ngx_uint_t kv_blocks;      // omni_proxy_kv_index_blocks
 };
 
 struct LocConf {
@@ -120,6 +166,7 @@ struct LocConf {
   omni::CacheAwareOptions* cache_aware; // its parameters (cache_aware), pool memory
   omni::PrefixKeyOptions* prefix;       // how prompts are keyed (cache_aware), pool memory
   ngx_flag_t route_header;              // omni_proxy_route_header
+  KvPolicyOptions* kv;                  // its parameters (kv_aware), pool memory
 };
 
 // Logs the exception being handled (call only inside a catch block) as an [alert].
@@ -155,12 +202,43 @@ const Pool* find_pool(const ngx_http_upstream_srv_conf_t* uscf) noexcept;
 // Installs the peer-choice wrapper on every pool's upstream block (init_main_conf time, after
 // nginx initialised the blocks' own balancers).
 void install_balancer(Registry& registry) noexcept;
+// One routing decision of kv_aware, for the response header, the log and the status page.
+struct KvExplain {
+  bool set = false;
+  std::uint8_t reason = 0;           // omni::KvRouteDecision::Reason; 3: decode choice
+  bool cache_decided = false;        // decode: the cache broke a tie
+  std::int32_t chosen = -1;          // server index within the pool
+  std::int32_t runner_up = -1;
+  std::uint32_t cached = 0;          // predicted cached tokens on chosen
+  std::uint32_t runner_up_cached = 0;
+  double ttft_ms = 0;                // expected TTFT on chosen (prefill)
+  double runner_up_ttft_ms = 0;
+  std::vector<std::uint32_t> cached_by_server;  // predicted cached tokens of each pool server
+};
+
+// A request's state for kv_aware routing (owned by the request's State).
+struct KvRequest {
+  omni::PrefixKeys keys[2];          // keyed with the prefill [0] and decode [1] pools' block sizes
+  bool keyed = false;
+  std::uint32_t prompt_tokens = 0;   // the proxy's count (token ids), else an estimate
+  KvExplain route[2];                // [0] prefill (or the only leg), [1] decode
+  const struct Pool* pools[2] = {nullptr, nullptr};  // the pools of route[0] and route[1]
+  // The proxy's in-flight accounting of predicted uncached prefill tokens.
+  std::int32_t accounted_backend = -1;
+  std::int64_t accounted_tokens = 0;
+  std::uint64_t accounted_ns = 0;    // when the prefill leg was sent
+  bool solo = false;                 // nothing else was prefilling there: a speed sample
+  std::int64_t actual_cached = -1;   // the engine's usage.prompt_tokens_details.cached_tokens
+};
+
 // Features of a request the balancer needs; set on the leg request's context.
 struct PeerChoice {
   std::uint64_t request_hash = 0;
   std::int32_t forced = -1;  // server index within the pool to use, or -1 to let the policy pick
   const LocConf* lcf = nullptr;             // the location's policy
   const omni::PrefixKeys* keys = nullptr;   // the prompt's prefix keys (cache_aware)
+  KvRequest* kv = nullptr;                  // kv_aware: keys in, explanation out
+  bool decode_leg = false;                  // the leg is a P/D decode leg
 };
 // Chooses a server of `pool` for a request now (parallel P/D picks the prefill server before
 // the bodies are built); -1 when none is eligible.
@@ -183,6 +261,44 @@ void poller_start(ngx_cycle_t* cycle) noexcept;
 bool claim_poller(ngx_msec_t stale_msec) noexcept;
 void poller_stop() noexcept;
 
+// --- KV-cache-aware routing (kv.cpp) ----------------------------------------------------------
+// Configuration: omni_proxy_kv_cache (http level).
+char* set_kv_cache(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+// Resolves the declarations against the pools (postconfiguration); an error names the directive.
+bool kv_finalize(ngx_conf_t* cf, Registry& reg) noexcept;
+// Bytes of the zone the KV index and its bookkeeping need (0: none).
+std::size_t kv_index_bytes(const Registry& reg) noexcept;
+std::size_t kv_shared_bytes(const Registry& reg) noexcept;
+// Lays them out in a fresh zone; false on failure (logged).
+bool kv_create(void* index_region, std::size_t index_bytes, void* shared_region,
+               std::size_t shared_bytes, const Registry& reg, ngx_log_t* log) noexcept;
+// Worker start (attach, claim a token row, start the subscriber lease timer) and exit.
+void kv_init_process(ngx_cycle_t* cycle, void* index_region, std::size_t index_bytes,
+                     void* shared_region, std::size_t shared_bytes) noexcept;
+void kv_exit_process() noexcept;
+// Frees the token rows of workers that died.
+void kv_reclaim() noexcept;
+// Computes the request's keys once its body is final (kv_aware).
+void kv_key_request(const LocConf& lcf, const omni::ParsedBody& body, std::size_t prompt_tokens,
+                    KvRequest& kv) noexcept;
+// The balancer's choice for kv_aware; -1 when none is eligible.
+std::int32_t kv_pick(const Pool& pool, const omni::PoolSnapshot& snap,
+                     const omni::RequestFeatures& f, const PeerChoice& choice);
+// The request's prefill leg went to `server` of `pool` / came back.
+void kv_prefill_sent(KvRequest& kv, const Pool& pool, std::int32_t server) noexcept;
+void kv_prefill_done(KvRequest& kv) noexcept;
+// The engine's report of cached tokens for the prefill (accuracy, speed).
+void kv_observe_cached(KvRequest& kv, const Pool& pool, std::int32_t server,
+                       std::uint32_t cached_tokens, std::uint32_t prompt_tokens) noexcept;
+// The poller read an engine's cache configuration.
+void kv_engine_config(const Pool& pool, std::uint16_t server, std::optional<std::uint32_t> block_size,
+                      std::optional<std::uint64_t> num_gpu_blocks) noexcept;
+// "reason=warm; cached=..; ..." for the response header and log variables; empty when unset.
+std::string kv_explain_text(const Pool* pool, const KvExplain& e);
+// Status JSON and metrics.
+nlohmann::json kv_status_json();
+void kv_render_metrics(omni::prom::TextWriter& w);
+
 // --- Variables (variables.cpp) ---------------------------------------------------------------
 ngx_int_t add_variables(ngx_conf_t* cf) noexcept;
 
@@ -198,6 +314,7 @@ struct RequestView {
   std::uint64_t tokenize_wall_ns;  // in the thread pool; 0 when not tokenized
   std::int32_t prefill_backend;  // -1 none
   std::int32_t decode_backend;   // -1 none
+  const KvRequest* kv;           // kv_aware routing
 };
 bool request_view(ngx_http_request_t* r, RequestView& out) noexcept;
 // A hash of the prompt's first 256 tokens (or 1024 bytes of text; all of a shorter prompt),

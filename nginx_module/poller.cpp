@@ -93,6 +93,11 @@ void finish(PollJob& job) noexcept try {
   if (m.kv_usage) x.kv_usage = *m.kv_usage;
   x.polled_ns = omni::monotonic_now_ns();
   st->set_engine_load(backend_of(job), x);
+  // The engine's cache geometry sizes the KV index (kv.cpp): its block size keys the prompts,
+  // its num_gpu_blocks bounds the blocks kept for it.
+  if (m.block_size || m.num_gpu_blocks) {
+    kv_engine_config(*job.pool, job.server, m.block_size, m.num_gpu_blocks);
+  }
   close_job(job);
 } catch (...) {
   log_exception(poller().log, "poll");

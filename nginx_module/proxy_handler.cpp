@@ -87,6 +87,8 @@ struct State {
   std::string whole_answer;           // a non-streamed answer being converted
   // The prompt's prefix keys (cache_aware locations), computed once the body is final.
   std::optional<omni::PrefixKeys> prefix_keys;
+  // kv_aware routing: keys, explanations, in-flight accounting.
+  KvRequest kv;
   // Limits.
   Admitted admitted = Admitted::kNone;
   ngx_queue_t queue{};     // in the worker's wait queue of the group while queued
@@ -156,6 +158,21 @@ void sync_backends(State& st) noexcept {
 
 void leave_group(State& st) noexcept;
 
+// kv_aware, at the end of a request: an aggregated answer's cached tokens are the prefill's
+// (accuracy of the prediction), and what it still accounted as prefilling is released.
+void kv_finish(State& st) noexcept {
+  if (st.kv.keyed && st.lcf->mode == kModeAggregated && st.scanner && st.kv.actual_cached < 0 &&
+      st.prefill_backend >= 0) {
+    if (const auto cached = st.scanner->cached_tokens()) {
+      if (const Pool* pool = find_pool(st.lcf->decode.upstream)) {
+        kv_observe_cached(st.kv, *pool, st.prefill_backend - pool->base, *cached,
+                          st.scanner->prompt_tokens());
+      }
+    }
+  }
+  kv_prefill_done(st.kv);
+}
+
 // Ends the lifecycle: done, token counts, slot and limit group released. Idempotent; runs in
 // the log phase (so the access log sees a finished request) and again, harmlessly, when the
 // request's pool is destroyed.
@@ -171,9 +188,11 @@ void finish(State& st) noexcept {
   omni::SharedState* ss = shared_state();
   if (st.slot && ss != nullptr) {
     if (st.scanner) {
-      ss->set_tokens(*st.slot, st.scanner->prompt_tokens(), 0, st.scanner->output_tokens());
+      ss->set_tokens(*st.slot, st.scanner->prompt_tokens(),
+                     st.scanner->cached_tokens().value_or(0), st.scanner->output_tokens());
     }
   }
+  kv_finish(st);
   enter(st, omni::Stage::kDone);
   if (st.slot && ss != nullptr) ss->release(*st.slot);
   st.slot.reset();
@@ -744,6 +763,16 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
     ngx_http_finalize_request(r, send_error(r, status, prefill_failure(st)));
     return;
   }
+  if (st.kv.keyed) {
+    if (const Pool* pool = find_pool(st.lcf->prefill.upstream); pool != nullptr &&
+                                                                  st.prefill_backend >= 0) {
+      if (const auto cached = omni::cached_tokens_of(st.prefill_response)) {
+        kv_observe_cached(st.kv, *pool, st.prefill_backend - pool->base, *cached,
+                          st.kv.prompt_tokens);
+      }
+    }
+    kv_prefill_done(st.kv);
+  }
   auto kv = omni::extract_kv_transfer_params(st.prefill_response);
   if (!kv.ok()) {
     ngx_http_finalize_request(
@@ -801,6 +830,7 @@ void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
   choice.request_hash = st.request_hash;
   choice.lcf = st.lcf;
   choice.keys = st.prefix_keys ? &*st.prefix_keys : nullptr;
+  choice.kv = &st.kv;
   const std::int32_t server = pool != nullptr ? choose_server(*pool, choice) : -1;
   if (server < 0) {
     ngx_http_finalize_request(
@@ -1157,6 +1187,9 @@ void after_tokenize(ngx_http_request_t* r, State& st) {
   if (st.lcf->policy == kPolicyCacheAware && st.parsed && st.lcf->prefix != nullptr) {
     st.prefix_keys.emplace(omni::prefix_keys_of(*st.parsed, *st.lcf->prefix));
   }
+  if (st.lcf->policy == kPolicyKvAware && st.parsed) {
+    kv_key_request(*st.lcf, *st.parsed, st.prompt_tokens, st.kv);
+  }
   const std::uint64_t now = omni::monotonic_now_ns();
   enter(st, omni::Stage::kTokenized, now);
   enter(st, omni::Stage::kApcMatched, now);
@@ -1226,10 +1259,14 @@ void start_converting(ngx_http_request_t* r, Ctx* ctx) {
 
 // omni_proxy_route_header: the servers that served the request, on the client's answer.
 ngx_int_t add_route_headers(ngx_http_request_t* r, const State& st) {
-  const std::pair<const char*, std::int32_t> headers[] = {
-      {"X-Omni-Prefill-Peer", st.prefill_backend}, {"X-Omni-Decode-Peer", st.decode_backend}};
-  for (const auto& [name, backend] : headers) {
-    const std::string value = backend_name(backend);
+  const std::string values[] = {backend_name(st.prefill_backend), backend_name(st.decode_backend),
+                                kv_explain_text(st.kv.pools[0], st.kv.route[0]),
+                                kv_explain_text(st.kv.pools[1], st.kv.route[1])};
+  const char* const names[] = {"X-Omni-Prefill-Peer", "X-Omni-Decode-Peer", "X-Omni-Prefill-Route",
+                               "X-Omni-Decode-Route"};
+  for (std::size_t k = 0; k < 4; ++k) {
+    const char* name = names[k];
+    const std::string& value = values[k];
     if (value.empty()) continue;
     auto* h = static_cast<ngx_table_elt_t*>(ngx_list_push(&r->headers_out.headers));
     if (h == nullptr) return NGX_ERROR;
@@ -1311,6 +1348,7 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
     // TTFT and TPOT describe streams: a whole answer arrives at once.
     if (st.first_token_ns == 0 && st.parsed && st.parsed->features.stream) {
       st.first_token_ns = omni::monotonic_now_ns();
+      if (st.lcf->mode == kModeAggregated) kv_prefill_done(st.kv);
       if (st.slot) {
         if (omni::SharedState* ss = shared_state()) ss->set_first_token(*st.slot, st.first_token_ns);
       }
@@ -1579,6 +1617,8 @@ bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept {
   out.forced = ctx->leg == Leg::kPrefill ? ctx->forced : -1;
   out.lcf = ctx->state->lcf;
   out.keys = ctx->state->prefix_keys ? &*ctx->state->prefix_keys : nullptr;
+  out.kv = &ctx->state->kv;
+  out.decode_leg = ctx->leg == Leg::kDecode && ctx->state->lcf->mode != kModeAggregated;
   return true;
 }
 
@@ -1597,6 +1637,7 @@ void leg_peer_chosen(ngx_http_request_t* r, const Pool& pool, std::int32_t serve
     if (aggregated) st.decode_backend = backend;
     sync_backends(st);
     enter(st, omni::Stage::kPrefilling);
+    if (st.kv.keyed) kv_prefill_sent(st.kv, pool, server);
   } else {
     if (st.decode_backend >= 0 && st.decode_backend != backend && ss != nullptr) {
       ss->count_retry(static_cast<std::uint16_t>(st.decode_backend));
@@ -1659,6 +1700,7 @@ bool request_view(ngx_http_request_t* r, RequestView& out) noexcept {
   out.output_tokens = st.scanner ? st.scanner->output_tokens() : 0;
   out.prefill_backend = st.prefill_backend;
   out.decode_backend = st.decode_backend;
+  out.kv = &st.kv;
   return true;
 }
 

@@ -14,6 +14,11 @@
 //   $omni_tokenize_ms         time the proxy spent rendering and tokenizing (thread pool)
 //   $omni_prefix_key          16 hex digits hashing the prompt's first 256 tokens (1024 bytes
 //                             of text), for `hash $omni_prefix_key consistent;`
+//   $omni_prefill_route       kv_aware: why the prefill server was chosen ("reason=warm;
+//                             cached=..; expected_ttft_ms=..; runner_up=..; ...")
+//   $omni_decode_route        kv_aware: the same for the decode server
+//   $omni_predicted_cached_tokens  kv_aware: cached prompt tokens predicted on the prefill server
+//   $omni_cached_tokens       cached prompt tokens the prefill engine reported
 // A variable is empty ("-" in logs) when the request did not reach that point.
 #include "omni_module.hpp"
 
@@ -39,6 +44,10 @@ enum Var : uintptr_t {
   kTokenForwarding,
   kTokenizeMs,
   kPrefixKey,
+  kPrefillRoute,
+  kDecodeRoute,
+  kPredictedCached,
+  kCachedTokens,
 };
 
 ngx_int_t set_value(ngx_http_request_t* r, ngx_http_variable_value_t* v, const std::string& s) {
@@ -141,6 +150,18 @@ ngx_int_t get(ngx_http_request_t* r, ngx_http_variable_value_t* v, uintptr_t dat
                                  : ms(static_cast<double>(view.tokenize_wall_ns)));
     case kPrefixKey:
       break;  // answered above
+    case kPrefillRoute:
+      return set_value(r, v, view.kv ? kv_explain_text(view.kv->pools[0], view.kv->route[0]) : "");
+    case kDecodeRoute:
+      return set_value(r, v, view.kv ? kv_explain_text(view.kv->pools[1], view.kv->route[1]) : "");
+    case kPredictedCached:
+      return set_value(r, v, view.kv && view.kv->route[0].set
+                                 ? std::to_string(view.kv->route[0].cached)
+                                 : std::string());
+    case kCachedTokens:
+      return set_value(r, v, view.kv && view.kv->actual_cached >= 0
+                                 ? std::to_string(view.kv->actual_cached)
+                                 : std::string());
   }
   return set_value(r, v, {});
 } catch (...) {
@@ -162,6 +183,8 @@ ngx_int_t add_variables(ngx_conf_t* cf) noexcept try {
       {"omni_decode_peer", kDecodePeer},   {"omni_prompt_tokens", kPromptTokens},
       {"omni_output_tokens", kOutputTokens}, {"omni_token_forwarding", kTokenForwarding},
       {"omni_tokenize_ms", kTokenizeMs},   {"omni_prefix_key", kPrefixKey},
+      {"omni_prefill_route", kPrefillRoute}, {"omni_decode_route", kDecodeRoute},
+      {"omni_predicted_cached_tokens", kPredictedCached}, {"omni_cached_tokens", kCachedTokens},
   };
   for (std::size_t i = 0; i + 1 < omni::kStageCount; ++i) {
     defs.push_back({"omni_stage_" + std::string(omni::stage_name(*omni::stage_at(i))) + "_ms", i});

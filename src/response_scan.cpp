@@ -24,20 +24,40 @@ std::string_view trim(std::string_view s) {
 }
 
 // Adds the prompt/completion tokens of one `usage` or `meta_info` object.
-bool add_counts(const nlohmann::json& o, std::int64_t& prompt, std::int64_t& output) {
+// Cached prompt tokens of a usage object (usage.prompt_tokens_details.cached_tokens, as vLLM
+// and OpenAI write it) or of SGLang's meta_info (cached_tokens); -1 when absent.
+std::int64_t cached_of(const nlohmann::json& o) {
+  if (!o.is_object()) return -1;
+  if (auto d = o.find("prompt_tokens_details"); d != o.end() && d->is_object()) {
+    if (auto c = d->find("cached_tokens"); c != d->end() && c->is_number_integer()) {
+      return std::max<std::int64_t>(0, c->get<std::int64_t>());
+    }
+  }
+  if (auto c = o.find("cached_tokens"); c != o.end() && c->is_number_integer()) {
+    return std::max<std::int64_t>(0, c->get<std::int64_t>());
+  }
+  return -1;
+}
+
+bool add_counts(const nlohmann::json& o, std::int64_t& prompt, std::int64_t& output,
+                std::int64_t* cached = nullptr) {
   if (!o.is_object()) return false;
   auto p = o.find("prompt_tokens");
   auto c = o.find("completion_tokens");
   if (c == o.end() || !c->is_number_integer()) return false;
   output += c->get<std::int64_t>();
   if (p != o.end() && p->is_number_integer()) prompt += p->get<std::int64_t>();
+  if (cached != nullptr) {
+    if (const std::int64_t n = cached_of(o); n >= 0) *cached = std::max<std::int64_t>(0, *cached) + n;
+  }
   return true;
 }
 
 // Sums prompt/completion tokens of an OpenAI `usage` object or SGLang `meta_info` (an object,
 // or an array of them for a batch).
-bool counts_of(const nlohmann::json& j, std::int64_t& prompt, std::int64_t& output) {
-  auto one = [&](const nlohmann::json& o) { return add_counts(o, prompt, output); };
+bool counts_of(const nlohmann::json& j, std::int64_t& prompt, std::int64_t& output,
+               std::int64_t* cached = nullptr) {
+  auto one = [&](const nlohmann::json& o) { return add_counts(o, prompt, output, cached); };
   if (j.is_array()) {
     bool any = false;
     for (const auto& item : j) {
@@ -163,17 +183,20 @@ void UsageScanner::line(std::string_view l) {
 void UsageScanner::read_usage(std::string_view json) {
   std::int64_t prompt = 0;
   std::int64_t output = 0;
+  std::int64_t cached = -1;
   bool found = false;
   if (const std::string_view usage = trailing_usage(json); !usage.empty()) {
     auto u = nlohmann::json::parse(usage, nullptr, false);
-    found = !u.is_discarded() && add_counts(u, prompt, output);
+    found = !u.is_discarded() && add_counts(u, prompt, output, &cached);
   }
   if (!found) {
     prompt = output = 0;
+    cached = -1;
     auto j = nlohmann::json::parse(json, nullptr, false);
-    if (j.is_discarded() || !counts_of(j, prompt, output)) return;
+    if (j.is_discarded() || !counts_of(j, prompt, output, &cached)) return;
   }
   exact_ = true;
+  cached_tokens_ = cached;
   prompt_tokens_ = clamp_u32(prompt);
   output_tokens_ = clamp_u32(output);  // streamed meta_info and usage are cumulative
 }
@@ -187,6 +210,20 @@ void UsageScanner::finish() {
   if (!overflow_ && !buffer_.empty()) read_usage(buffer_);
   buffer_.clear();
   buffer_.shrink_to_fit();
+}
+
+std::optional<std::uint32_t> cached_tokens_of(std::string_view answer) {
+  std::int64_t prompt = 0, output = 0, cached = -1;
+  if (const std::string_view usage = trailing_usage(answer); !usage.empty()) {
+    auto u = nlohmann::json::parse(usage, nullptr, false);
+    if (!u.is_discarded() && add_counts(u, prompt, output, &cached) && cached >= 0) {
+      return clamp_u32(cached);
+    }
+  }
+  cached = -1;
+  auto j = nlohmann::json::parse(answer, nullptr, false);
+  if (j.is_discarded() || !counts_of(j, prompt, output, &cached) || cached < 0) return std::nullopt;
+  return clamp_u32(cached);
 }
 
 std::optional<HttpResponse> parse_http_response(std::string_view raw) {

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -27,6 +28,12 @@ class UsageScanner {
 
   std::uint32_t prompt_tokens() const noexcept { return prompt_tokens_; }
   std::uint32_t output_tokens() const noexcept;
+  // Cached prompt tokens the engine reported (usage.prompt_tokens_details.cached_tokens, or
+  // SGLang's meta_info.cached_tokens); nullopt when it did not.
+  std::optional<std::uint32_t> cached_tokens() const noexcept {
+    if (cached_tokens_ < 0) return std::nullopt;
+    return static_cast<std::uint32_t>(std::min<std::int64_t>(cached_tokens_, UINT32_MAX));
+  }
   // True when the counts come from the engine's own usage report.
   bool exact() const noexcept { return exact_; }
   // SSE data events seen, [DONE] excluded.
@@ -48,7 +55,12 @@ class UsageScanner {
   std::uint32_t choice_events_ = 0;
   std::uint32_t prompt_tokens_ = 0;
   std::uint32_t output_tokens_ = 0;
+  std::int64_t cached_tokens_ = -1;
 };
+
+// The cached prompt tokens a non-streamed answer reports in its usage (or meta_info); nullopt
+// when it reports none or is not JSON.
+std::optional<std::uint32_t> cached_tokens_of(std::string_view answer);
 
 // One HTTP/1.x response read to the end of the connection: status and decoded body
 // (Content-Length, chunked, or up to EOF).
