@@ -184,6 +184,7 @@ KvFeed::Actions KvFeed::on_replayed(std::int64_t seq, std::string payload, Clock
 KvFeed::Actions KvFeed::on_replay_end(Clock::time_point now) {
   Actions a;
   if (state_ != State::kReplaying) return a;
+  startup_ = false;
   ++stats_.replays_completed;
   state_ = State::kLive;
   failures_ = 0;
@@ -198,12 +199,28 @@ KvFeed::Actions KvFeed::on_replay_end(Clock::time_point now) {
   return a;
 }
 
+KvFeed::Actions KvFeed::on_start(Clock::time_point now) {
+  Actions a;
+  if (!replay_supported || state_ != State::kLive) return a;
+  startup_ = true;
+  request(a, now);
+  return a;
+}
+
 KvFeed::Actions KvFeed::on_tick(Clock::time_point now) {
   Actions a;
   if (state_ == State::kReplaying && now >= deadline_) {
     ++stats_.replays_failed;
     ++failures_;
     a.abandon_replay = true;
+    if (startup_ && pending_.empty()) {
+      // The catch-up replay at start found no engine (yet): nothing was missed that a reset
+      // would repair, so go live; a gap seen later asks again.
+      startup_ = false;
+      state_ = State::kLive;
+      failures_ = 0;
+      return a;
+    }
     if (failures_ >= options_.max_replay_attempts || !replay_supported) {
       give_up(a, now);
       return a;
@@ -530,6 +547,9 @@ void KvSubscriber::Impl::run() {
 
   try {
     for (std::uint32_t i = 0; i < n; ++i) setup(i);
+    // Catch up at once from every replay socket: what the engines published before this
+    // subscriber started (a restarted proxy, a worker taking over) is in their buffers.
+    for (std::uint32_t i = 0; i < n; ++i) apply(i, feeds[i].on_start(KvFeed::Clock::now()));
     for (std::uint32_t i = 0; i < n; ++i) publish(i);
     auto next_tick = KvFeed::Clock::now() + options.tick_interval;
 

@@ -121,6 +121,10 @@ class KvFeed {
   Actions on_live(std::int64_t seq, std::string payload, Clock::time_point now);
   Actions on_replayed(std::int64_t seq, std::string payload, Clock::time_point now);
   Actions on_replay_end(Clock::time_point now);
+  // At start: with a replay socket, ask for everything after the last applied batch (from 0
+  // when none), so a restarted proxy or a worker taking over catches up without waiting for a
+  // live batch. If no engine answers, the feed goes live without a reset.
+  Actions on_start(Clock::time_point now);
   Actions on_tick(Clock::time_point now);  // timeouts and retries
   bool replay_supported = true;  // false: a gap resets (kUnrecoverable) and continues live
   std::int64_t last_applied() const noexcept { return last_; }
@@ -148,6 +152,7 @@ class KvFeed {
   Options options_;
   std::int64_t last_;
   std::optional<std::int64_t> live_high_;  // highest live seq of this run
+  bool startup_ = false;                   // the replay in progress is on_start's
   State state_ = State::kLive;
   std::map<std::int64_t, std::string> pending_;
   Clock::time_point deadline_{}, retry_at_{};

@@ -90,6 +90,36 @@ TEST(KvFeed, DeliversInOrderFromZero) {
   EXPECT_EQ(f.feed.stats().gaps, 0u);
 }
 
+TEST(KvFeed, StartAsksForEverythingAfterTheLastApplied) {
+  Feed fresh;
+  EXPECT_EQ(log_of(fresh.feed.on_start(t0)), "replay:0");
+  EXPECT_EQ(fresh.replayed(0), "0");
+  EXPECT_EQ(fresh.replayed(1), "1");
+  EXPECT_EQ(fresh.end(), "");
+  EXPECT_FALSE(fresh.feed.replaying());
+  EXPECT_EQ(fresh.live(2), "2");
+  EXPECT_EQ(fresh.feed.stats().replays_completed, 1u);
+
+  Feed resumed(41);
+  EXPECT_EQ(log_of(resumed.feed.on_start(t0)), "replay:42");
+  EXPECT_EQ(resumed.end(), "");  // nothing new: caught up, no reset
+  EXPECT_EQ(resumed.live(42), "42");
+
+  Feed no_replay;
+  no_replay.feed.replay_supported = false;
+  EXPECT_EQ(log_of(no_replay.feed.on_start(t0)), "");
+}
+
+TEST(KvFeed, AStartReplayNobodyAnswersGoesLiveWithoutAReset) {
+  Feed f(7);
+  EXPECT_EQ(log_of(f.feed.on_start(t0)), "replay:8");
+  EXPECT_EQ(f.tick(t0 + 150ms), "abandon");  // no reset: the index of 0..7 stays
+  EXPECT_FALSE(f.feed.replaying());
+  EXPECT_EQ(f.feed.last_applied(), 7);
+  EXPECT_EQ(f.live(8), "8");
+  EXPECT_EQ(f.feed.stats().unrecoverable, 0u);
+}
+
 TEST(KvFeed, FirstBatchAfterZeroIsAGapReplayedFromZero) {
   Feed f;
   EXPECT_EQ(f.live(3), "replay:0");
