@@ -62,11 +62,13 @@ struct BackendShared {
       replays_completed, replays_failed, restarts, unrecoverable, duplicates, pending_dropped;
   std::atomic<std::int64_t> feed_last_seq;
   Atomic64 replaying;
+  Atomic64 connects, disconnects;
   Atomic64 last_batch_unix_ms;
   Atomic64 synced_after_ms;   // from the subscriber's start to the first batch applied in order
   // Prediction accuracy, from the engines' usage.prompt_tokens_details.cached_tokens.
   Atomic64 predictions, predicted_tokens, actual_tokens, abs_error_tokens, within_block;
   Atomic64 speed_bits;        // double: EWMA of solo prefill speed, tokens/s; 0: none yet
+  Atomic64 speed_samples;
   Atomic64 chosen[kReasons];  // decisions that chose this server, by reason
 };
 
@@ -192,6 +194,8 @@ class IndexSink final : public omni::kv::KvSink {
       b.pending_dropped.store(s.feed.pending_dropped);
       b.feed_last_seq.store(s.last_seq);
       b.replaying.store(s.replaying ? 1 : 0);
+      b.connects.store(s.connects);
+      b.disconnects.store(s.disconnects);
     }
     return true;
   }
@@ -376,6 +380,19 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
   const omni::PrefixKeys& keys = kv.keys[0];
   ex = {};
   ex.cached_by_server.assign(pool.count, 0);
+  // Prefill speeds: every server runs at the pool's mean measured speed (prefill_tps before
+  // any measurement), times its speed class: its own measured speed over the mean, in steps of
+  // powers of 2, once it has kSpeedSamples samples and is 1.75x faster or slower. Noise between
+  // equal servers would otherwise decide close calls, and differently in each proxy (each
+  // measures its own legs); a genuinely slower or faster instance still shows.
+  constexpr std::uint64_t kSpeedSamples = 20;
+  double sum = 0;
+  std::size_t measured = 0;
+  for (std::uint16_t i = 0; i < pool.count && r.shared.hdr != nullptr; ++i) {
+    const double v = load_double(r.shared.backends[pool.base + i].speed_bits);
+    if (v > 0) sum += v, ++measured;
+  }
+  const double mean = measured > 0 ? sum / double(measured) : o.prefill_tps;
   std::vector<omni::KvCandidate> cands;
   cands.reserve(eligible.size());
   for (std::size_t i : eligible) {
@@ -392,9 +409,15 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
       queued = std::max(queued, double(*load.waiting_uncached_tokens));
     }
     c.queued_tokens = queued;
-    const double speed = r.shared.hdr != nullptr ? load_double(r.shared.backends[backend].speed_bits) : 0;
-    c.tokens_per_s = (speed > 0 ? speed : o.prefill_tps) * snap[i].weight /
-                     std::max<std::uint32_t>(1, snap[i].weight);
+    double speed_class = 1.0;
+    if (r.shared.hdr != nullptr &&
+        r.shared.backends[backend].speed_samples.load(std::memory_order_relaxed) >= kSpeedSamples) {
+      const double ratio = load_double(r.shared.backends[backend].speed_bits) / mean;
+      if (ratio > 1.75 || ratio < 0.57) {
+        speed_class = std::exp2(std::clamp(std::round(std::log2(ratio)), -3.0, 3.0));
+      }
+    }
+    c.tokens_per_s = mean * speed_class;
     c.kv_usage = load.fresh(std::chrono::seconds(5)) ? load.kv_usage
                                                       : std::numeric_limits<double>::quiet_NaN();
     c.ring_load = queued;
@@ -829,6 +852,7 @@ void kv_observe_cached(KvRequest& kv, const Pool& pool, std::int32_t server,
       const double old = load_double(b.speed_bits);
       const double next = old > 0 ? old + kSpeedAlpha * (sample - old) : sample;
       b.speed_bits.store(std::bit_cast<std::uint64_t>(next), std::memory_order_relaxed);
+      b.speed_samples.fetch_add(1, std::memory_order_relaxed);
     }
   }
 }
@@ -934,6 +958,8 @@ nlohmann::json kv_status_json() {
                      {"unrecoverable", b.unrecoverable.load()},
                      {"duplicates", b.duplicates.load()},
                      {"replaying", b.replaying.load() != 0},
+                     {"connects", b.connects.load()},
+                     {"disconnects", b.disconnects.load()},
                      {"last_seq", b.feed_last_seq.load()},
                      {"last_batch_age_ms", last == 0 ? nlohmann::json(nullptr)
                                                      : nlohmann::json(unix_ms() - std::min(last, unix_ms()))},
