@@ -27,4 +27,5 @@ step policy_bench "$BUILD_DIR/bench/policy_bench" --benchmark_min_time=0.2
 step tokenizer bench/tokenizer_bench.sh "$BUILD_DIR" 3
 step forwarding bench/forwarding_bench.sh "$BUILD_DIR" 300
 step scenarios /usr/bin/python3 bench/scenario.py --build "$BUILD_DIR" --out "$OUT/scenarios" --docs
+step agreement /usr/bin/python3 bench/agreement.py --build "$BUILD_DIR" --out "$OUT/agreement"
 echo "reproduce: every output is in $OUT (routing tables: $OUT/scenarios/report.md)"

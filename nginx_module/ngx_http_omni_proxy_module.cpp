@@ -777,9 +777,12 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
   }
 
   if (mcf->zone != nullptr) {
+    // Slack for the slab allocator: its page descriptors, the page of small allocations
+    // (ZoneHeader, log_ctx) and the rounding of each large allocation to whole pages; the KV
+    // index adds two large allocations.
     const std::size_t need = omni::SharedState::required_bytes(sc) + prefix_table_bytes(reg) +
                              omni::ngx::kv_index_bytes(reg) + omni::ngx::kv_shared_bytes(reg) +
-                             7 * ngx_pagesize;
+                             (reg.kv_blocks > 0 ? 7 : 5) * ngx_pagesize;
     if (mcf->zone->shm.size < need) {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"omni_proxy_zone\": zone \"%V\" of %uz bytes is too small for %uz "

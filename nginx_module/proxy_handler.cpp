@@ -732,6 +732,7 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
     }
   }
   if (state->lcf->mode == kModeParallel) {
+    kv_prefill_done(state->kv);  // its tokens no longer queue on the prefill server
     // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
     if (!prefill_ok(*state) && !state->decode_done) {
       try {
