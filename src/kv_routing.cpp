@@ -294,6 +294,9 @@ namespace {
 // Expected TTFT without the fixed overhead.
 double variable_ttft_ms(const KvCandidate& c, std::uint32_t prompt_tokens,
                         const KvRouteOptions& o) noexcept {
+  if (std::isfinite(c.expected_ms)) {
+    return nonneg(c.expected_ms) + (c.kv_usage > o.kv_usage_high ? o.kv_usage_penalty_ms : 0.0);
+  }
   if (!(c.tokens_per_s > 0) || !std::isfinite(c.tokens_per_s)) {
     return std::numeric_limits<double>::infinity();
   }

@@ -138,6 +138,10 @@ struct KvCandidate {
   double tokens_per_s = 0;          // its measured prefill speed, uncached tokens per second (> 0)
   double kv_usage = std::numeric_limits<double>::quiet_NaN();  // 0..1, NaN unknown
   double ring_load = 0;  // load for the bounded-load ring (e.g. in-flight uncached tokens)
+  // When finite: the caller's own expected TTFT for this candidate (ms, without the fixed
+  // overhead and the KV-usage penalty), replacing the queued_tokens / tokens_per_s formula
+  // (the scheduler's step model, omni/scheduler.hpp).
+  double expected_ms = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct KvRouteOptions {
@@ -177,7 +181,8 @@ std::string_view to_string(KvRouteDecision::Reason reason) noexcept;
 std::string explain(const KvRouteDecision& decision);
 
 // Expected TTFT at one candidate, ms:
-//   1000 * (queued_tokens + max(0, prompt_tokens - cached_tokens)) / tokens_per_s
+//   (expected_ms when finite, else
+//   1000 * (queued_tokens + max(0, prompt_tokens - cached_tokens)) / tokens_per_s)
 //   + (kv_usage > kv_usage_high ? kv_usage_penalty_ms : 0) + fixed_overhead_ms.
 // queued_tokens below 0 or NaN count as 0; a tokens_per_s that is not a positive finite number
 // gives +infinity (a candidate that can be chosen only when every candidate is unknown).
