@@ -52,6 +52,7 @@ struct PeerData {
   bool steer;                             // the policy chooses (round-robin blocks)
   PeerChoice choice;
   std::int32_t current;                   // server index of the connection in use, -1 none
+  unsigned gets;                          // tries so far
 };
 
 const omni::Policy& policy() {
@@ -174,7 +175,9 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
     const ngx_uint_t n = rrp->peers->number;
     const std::size_t words = (n + 8 * sizeof(std::uintptr_t) - 1) / (8 * sizeof(std::uintptr_t));
     std::int32_t chosen = pd->choice.forced;
-    if (chosen < 0) {
+    // The scheduler's choice holds for the first try; a retry goes where the policy says.
+    if (chosen >= 0 && pd->choice.forced_retry && pd->gets > 0) chosen = -1;
+    if (chosen < 0 && pd->steer) {
       try {
         chosen = pick(*pd->pool, rrp->peers, pd->choice,
                       std::span<const std::uint64_t>(
@@ -195,6 +198,7 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
       marked_words = words;
     }
   }
+  ++pd->gets;
   const ngx_int_t rc = pd->get(pc, pd->data);
   for (std::size_t w = 0; w < marked_words; ++w) rrp->tried[w] &= ~marked[w];
   pd->current = -1;
@@ -261,7 +265,7 @@ ngx_int_t init_peer(ngx_http_request_t* r, ngx_http_upstream_srv_conf_t* us) noe
     pd->steer = get == ngx_http_upstream_get_round_robin_peer &&
                 (choice.lcf == nullptr || choice.lcf->policy != kPolicyUpstream);
   }
-  if (choice.forced >= 0 && pd->rrp == nullptr) {
+  if (choice.forced >= 0 && !choice.forced_retry && pd->rrp == nullptr) {
     ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                   "omni_proxy: upstream \"%V\" uses a balancer that cannot be told which "
                   "prefill server to use; use round robin (no method directive) for it",
@@ -269,7 +273,7 @@ ngx_int_t init_peer(ngx_http_request_t* r, ngx_http_upstream_srv_conf_t* us) noe
     return NGX_ERROR;
   }
   // A forced server (the parallel prefill, named in the body) must not be retried elsewhere.
-  if (choice.forced >= 0) u->peer.tries = 1;
+  if (choice.forced >= 0 && !choice.forced_retry) u->peer.tries = 1;
   u->peer.get = get_peer;
   u->peer.free = free_peer;
   u->peer.data = pd;

@@ -794,6 +794,65 @@ std::int32_t kv_pick(const Pool& pool, const omni::PoolSnapshot& snap,
   return chosen;
 }
 
+void kv_cached_by_server(const Pool& pool, const KvRequest& kv, int which,
+                         std::vector<std::uint32_t>& out) noexcept {
+  out.assign(pool.count, 0);
+  const omni::kv::KvIndex* idx = rt().index.get();
+  if (idx == nullptr || pool.kv_mode == KvMode::kNone || !kv.keyed || which < 0 || which > 1) {
+    return;
+  }
+  const omni::PrefixKeys& keys = kv.keys[which];
+  for (std::uint16_t i = 0; i < pool.count; ++i) {
+    out[i] = cached_tokens(idx->match(pool.base + i, keys.blocks), keys, kv.prompt_tokens);
+  }
+}
+
+std::uint64_t kv_ring_key(const KvRequest& kv, int which,
+                          std::span<const std::uint32_t> cached) noexcept {
+  const omni::PrefixKeys& keys = kv.keys[which < 0 || which > 1 ? 0 : which];
+  if (!kv.keyed || keys.blocks.empty() || keys.block_units == 0) {
+    return omni::mix64(kv.prompt_tokens);
+  }
+  // The first block past what every server holds (a system prompt cached everywhere), as
+  // omni::choose_prefill keys its cold choice.
+  std::uint32_t common = cached.empty() ? 0 : cached[0];
+  for (std::uint32_t c : cached) common = std::min(common, c);
+  const std::size_t block = common / keys.block_units;
+  return block < keys.blocks.size() ? keys.blocks[block] : keys.blocks.back();
+}
+
+void kv_record_choice(const Pool& pool, KvRequest& kv, int which, std::int32_t server,
+                      std::int32_t runner_up, std::uint8_t reason, double ttft_ms,
+                      double runner_up_ttft_ms, std::span<const std::uint32_t> cached) noexcept {
+  if (which < 0 || which > 1 || server < 0 || server >= pool.count) return;
+  KvExplain& ex = kv.route[which];
+  ex = {};
+  try {
+    ex.cached_by_server.assign(cached.begin(), cached.end());
+  } catch (...) {
+    return;
+  }
+  ex.set = true;
+  ex.reason = reason;
+  ex.chosen = server;
+  ex.runner_up = runner_up;
+  auto at = [&](std::int32_t i) {
+    return i >= 0 && static_cast<std::size_t>(i) < cached.size() ? cached[static_cast<std::size_t>(i)]
+                                                                   : 0u;
+  };
+  ex.cached = at(server);
+  ex.runner_up_cached = at(runner_up);
+  ex.ttft_ms = ttft_ms;
+  ex.runner_up_ttft_ms = runner_up_ttft_ms;
+  kv.pools[which] = &pool;
+  if (pool.kv_mode == KvMode::kNone) return;
+  record_decision(pool, ex);
+  Runtime& r = rt();
+  if (pool.kv_mode == KvMode::kApproximate && r.index != nullptr && kv.keyed) {
+    r.index->store_chain(pool.base + server, kv.keys[which].blocks);
+  }
+}
+
 void kv_prefill_sent(KvRequest& kv, const Pool& pool, std::int32_t server) noexcept {
   Runtime& r = rt();
   kv_prefill_done(kv);  // a retry moves the accounting to the new server

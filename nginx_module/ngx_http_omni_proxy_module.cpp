@@ -43,7 +43,7 @@ using omni::ngx::log_exception;
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 5;
+constexpr uint32_t kZoneLayoutVersion = 6;
 constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
 constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
 constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
@@ -71,6 +71,8 @@ struct ZoneHeader {
   uint64_t kv_index_bytes;
   uint64_t kv_shared_offset; // its bookkeeping: subscriber lease, feed stats, accounting
   uint64_t kv_shared_bytes;
+  uint64_t sched_offset;     // the schedulers' queue and models (omni_proxy_scheduler; 0: none)
+  uint64_t sched_bytes;
   std::atomic<int32_t> poller_pid;  // the worker polling engine metrics (0: none)
   int32_t pad;
   std::atomic<uint64_t> poller_beat_msec;  // when that worker last polled (ngx_current_msec)
@@ -133,6 +135,14 @@ ngx_command_t commands[] = {
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, prefix_entries), &prefix_table_bounds},
     {ngx_string("omni_proxy_kv_cache"), NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
      omni::ngx::set_kv_cache, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_scheduler"), NGX_HTTP_MAIN_CONF | NGX_CONF_ANY,
+     omni::ngx::set_scheduler, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_capacity"), NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
+     omni::ngx::set_capacity, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_pd_group"), NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
+     omni::ngx::set_pd_group, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("omni_proxy_schedule"), kAnyLevel | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, schedule), nullptr},
     {ngx_string("omni_proxy_kv_index_blocks"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      set_bounded_num, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, kv_blocks), &kv_blocks_bounds},
     {ngx_string("omni_proxy_tokenizer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE23, set_tokenizer,
@@ -287,6 +297,10 @@ ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
     omni::ngx::kv_init_process(cycle, base + hdr->kv_index_offset, hdr->kv_index_bytes,
                                base + hdr->kv_shared_offset, hdr->kv_shared_bytes);
   }
+  if (hdr->sched_offset != 0) {
+    omni::ngx::sched_init_process(cycle, base + hdr->sched_offset, hdr->sched_bytes,
+                                  &hdr->generation);
+  }
   reclaim(cycle->log);  // a worker that just replaced a dead one frees its slots at once
   rt.reclaim_timer.handler = reclaim_tick;
   rt.reclaim_timer.log = cycle->log;
@@ -304,6 +318,7 @@ void exit_process(ngx_cycle_t*) noexcept {
   Runtime& rt = runtime();
   omni::ngx::poller_stop();
   omni::ngx::kv_exit_process();
+  omni::ngx::sched_exit_process();
   omni::ngx::proxy_exit_process();
   if (rt.reclaim_timer.timer_set) ngx_del_timer(&rt.reclaim_timer);
   if (rt.zone != nullptr) {
@@ -426,6 +441,7 @@ void* create_loc_conf(ngx_conf_t* cf) noexcept {
   lcf->token_forwarding = NGX_CONF_UNSET;
   lcf->policy = NGX_CONF_UNSET_UINT;
   lcf->route_header = NGX_CONF_UNSET;
+  lcf->schedule = NGX_CONF_UNSET;
   for (ngx_http_upstream_conf_t* leg : {&lcf->prefill, &lcf->decode}) {
     leg->hide_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
     leg->pass_headers = static_cast<ngx_array_t*>(NGX_CONF_UNSET_PTR);
@@ -561,6 +577,7 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
   }
   ngx_conf_merge_uint_value(conf->policy, prev->policy, omni::ngx::kPolicyLeastOutstanding);
   ngx_conf_merge_value(conf->route_header, prev->route_header, 0);
+  ngx_conf_merge_value(conf->schedule, prev->schedule, 0);
   char* rc = merge_leg(cf, &conf->prefill, &prev->prefill, conf->connect_timeout,
                        conf->prefill_timeout, true);
   if (rc != NGX_CONF_OK) return rc;
@@ -614,7 +631,15 @@ char* merge_loc_conf(ngx_conf_t* cf, void* parent, void* child) noexcept try {
     }
     mcf->registry->prefix_entries = 1;  // sized in finalize_registry
   }
-  if (conf->policy == omni::ngx::kPolicyKvAware) {
+  if (conf->schedule) {
+    auto* mcf = static_cast<MainConf*>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
+    mcf->registry->sched.uses.emplace_back(
+        std::string(reinterpret_cast<const char*>(cf->conf_file->file.name.data),
+                    cf->conf_file->file.name.len),
+        cf->conf_file->line);
+  }
+  if (conf->policy == omni::ngx::kPolicyKvAware || conf->schedule) {
     // Pools without an omni_proxy_kv_cache declaration are predicted from routing.
     auto* mcf = static_cast<MainConf*>(
         ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
@@ -674,7 +699,7 @@ std::size_t prefix_table_bytes(const Registry& reg) {
 
 // FNV-1a over the state config: a changed backend or group set needs a fresh zone.
 uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entries,
-                     std::uint64_t kv_blocks) {
+                     std::uint64_t kv_blocks, std::uint64_t sched_bytes) {
   uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::string_view s) {
     for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ULL;
@@ -683,6 +708,7 @@ uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entr
   mix(std::to_string(kZoneLayoutVersion));
   mix(std::to_string(prefix_entries));
   mix(std::to_string(kv_blocks));
+  mix(std::to_string(sched_bytes));
   mix(std::to_string(c.max_backends) + "/" + std::to_string(c.max_owners) + "/" +
       std::to_string(c.max_groups));
   for (const omni::BackendSpec& b : c.backends) {
@@ -769,7 +795,13 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
     }
   }
   if (!omni::ngx::kv_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
-  reg.fingerprint = fingerprint(sc, reg.prefix_entries, reg.kv_blocks);
+  if (!omni::ngx::sched_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
+  if (reg.sched.enabled && !reg.pools.empty() && mcf->zone == nullptr) {
+    return conf_error(cf, "\"omni_proxy_scheduler\" needs \"omni_proxy_zone\": the queue is "
+                          "shared by all workers");
+  }
+  reg.fingerprint =
+      fingerprint(sc, reg.prefix_entries, reg.kv_blocks, omni::ngx::sched_bytes(reg));
   omni::ngx::install_balancer(reg);
   if (!reg.groups.empty() && mcf->zone == nullptr) {
     return conf_error(cf, "\"omni_proxy_max_inflight\" needs \"omni_proxy_zone\": the limits "
@@ -782,12 +814,14 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
     // index adds two large allocations.
     const std::size_t need = omni::SharedState::required_bytes(sc) + prefix_table_bytes(reg) +
                              omni::ngx::kv_index_bytes(reg) + omni::ngx::kv_shared_bytes(reg) +
-                             (reg.kv_blocks > 0 ? 7 : 5) * ngx_pagesize;
+                             omni::ngx::sched_bytes(reg) +
+                             ((reg.kv_blocks > 0 ? 7 : 5) + (reg.sched.enabled ? 1 : 0)) *
+                                 ngx_pagesize;
     if (mcf->zone->shm.size < need) {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"omni_proxy_zone\": zone \"%V\" of %uz bytes is too small for %uz "
-                         "servers, %uz limit groups, the prefix table and the KV index; it needs "
-                         "at least %uzk",
+                         "servers, %uz limit groups, the prefix table, the KV index and the "
+                         "scheduler; it needs at least %uzk",
                          &mcf->zone->shm.name, mcf->zone->shm.size, sc.backends.size(),
                          sc.groups.size(), (need + 1023) / 1024);
       return static_cast<char*>(NGX_CONF_ERROR);
@@ -1102,6 +1136,18 @@ ngx_int_t init_zone(ngx_shm_zone_t* shm_zone, void* data) noexcept try {
     hdr->kv_shared_offset = static_cast<uint64_t>(static_cast<u_char*>(shared) - shm_zone->shm.addr);
     hdr->kv_shared_bytes = sb;
   }
+  // The schedulers' queue (omni_proxy_scheduler).
+  if (const std::size_t sb = omni::ngx::sched_bytes(reg); sb > 0) {
+    void* q = ngx_slab_alloc(shpool, sb);
+    if (q == nullptr || !omni::ngx::sched_create(q, sb, reg, shm_zone->shm.log)) {
+      ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                    "omni_proxy_zone \"%V\": no room for the scheduler's queue of %uz bytes",
+                    &shm_zone->shm.name, sb);
+      return NGX_ERROR;
+    }
+    hdr->sched_offset = static_cast<uint64_t>(static_cast<u_char*>(q) - shm_zone->shm.addr);
+    hdr->sched_bytes = sb;
+  }
   // The largest run of pages left holds the shared state.
   void* region = nullptr;
   size_t bytes = static_cast<size_t>(shpool->pfree) * ngx_pagesize;
@@ -1250,6 +1296,7 @@ ngx_int_t status_handler(ngx_http_request_t* r) noexcept try {
                          {"evictions", ps.evictions}, {"contended", ps.contended}};
   }
   if (auto kv = omni::ngx::kv_status_json(); !kv.is_null()) j["kv"] = std::move(kv);
+  if (auto sc = omni::ngx::sched_status_json(); !sc.is_null()) j["scheduler"] = std::move(sc);
   return omni::ngx::send_json(r, NGX_HTTP_OK, j.dump() + "\n");
 } catch (...) {
   log_exception(r->connection->log, "omni_proxy_status");
@@ -1292,6 +1339,7 @@ ngx_int_t metrics_handler(ngx_http_request_t* r) noexcept try {
     w.sample("omni_proxy_prefix_table_contended_total", none, static_cast<double>(ps.contended));
   }
   omni::ngx::kv_render_metrics(w);
+  omni::ngx::sched_render_metrics(w);
   return omni::ngx::send_body(r, NGX_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
                               w.str());
 } catch (...) {

@@ -7,6 +7,7 @@
 #include <omni/engine_metrics.hpp>
 #include <omni/prefix_table.hpp>
 #include <omni/prometheus.hpp>
+#include <omni/scheduler.hpp>
 #include <nlohmann/json.hpp>
 #include <omni/shared_state.hpp>
 #include <omni/tokenizer.hpp>
@@ -15,6 +16,7 @@
 #include <deque>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -127,6 +129,33 @@ struct Registry {
     ngx_uint_t line = 0;
   };
   std::vector<KvDecl> kv_decls;
+  // The schedulers (omni_proxy_scheduler, omni_proxy_capacity, omni_proxy_pd_group).
+  struct Sched {
+    bool enabled = false;
+    std::uint32_t capacity = 4096;     // queue entries in the zone
+    omni::sched::Options options;
+    std::string priority_header = "x-omni-priority";  // lower case
+    std::string file;                  // where omni_proxy_scheduler was declared
+    ngx_uint_t line = 0;
+    struct CapacityDecl {
+      std::string upstream;
+      std::uint32_t batch_tokens = 0;
+      std::uint32_t max_seqs = 0;
+      std::string file;
+      ngx_uint_t line = 0;
+    };
+    std::vector<CapacityDecl> capacities;
+    struct GroupDecl {
+      std::string prefill_upstream, decode_upstream;
+      std::vector<std::string> prefill, decode;  // server names as nginx prints them
+      std::string file;
+      ngx_uint_t line = 0;
+    };
+    std::vector<GroupDecl> groups;
+    std::vector<omni::sched::InstanceLimits> limits;  // per backend, resolved
+    std::vector<std::pair<std::string, ngx_uint_t>> uses;  // omni_proxy_schedule on: where
+  };
+  Sched sched;
   std::uint64_t fingerprint = 0;     // of state_config and the table; a change gets a fresh zone
 };
 
@@ -167,6 +196,7 @@ struct LocConf {
   omni::PrefixKeyOptions* prefix;       // how prompts are keyed (cache_aware), pool memory
   ngx_flag_t route_header;              // omni_proxy_route_header
   KvPolicyOptions* kv;                  // its parameters (kv_aware), pool memory
+  ngx_flag_t schedule;                  // omni_proxy_schedule
 };
 
 // Logs the exception being handled (call only inside a catch block) as an [alert].
@@ -235,6 +265,7 @@ struct KvRequest {
 struct PeerChoice {
   std::uint64_t request_hash = 0;
   std::int32_t forced = -1;  // server index within the pool to use, or -1 to let the policy pick
+  bool forced_retry = false;  // forced only for the first try: a retry goes where the policy says
   const LocConf* lcf = nullptr;             // the location's policy
   const omni::PrefixKeys* keys = nullptr;   // the prompt's prefix keys (cache_aware)
   KvRequest* kv = nullptr;                  // kv_aware: keys in, explanation out
@@ -298,6 +329,74 @@ std::string kv_explain_text(const Pool* pool, const KvExplain& e);
 // Status JSON and metrics.
 nlohmann::json kv_status_json();
 void kv_render_metrics(omni::prom::TextWriter& w);
+
+// --- Schedulers (scheduler.cpp) ---------------------------------------------------------------
+// Configuration: omni_proxy_scheduler, omni_proxy_capacity, omni_proxy_pd_group (http level).
+char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_capacity(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+char* set_pd_group(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
+// Resolves the declarations against the pools (postconfiguration); an error names the directive.
+bool sched_finalize(ngx_conf_t* cf, Registry& reg) noexcept;
+// Bytes of the zone the scheduler needs (0: not configured).
+std::size_t sched_bytes(const Registry& reg) noexcept;
+bool sched_create(void* region, std::size_t bytes, const Registry& reg, ngx_log_t* log) noexcept;
+// Worker start and exit. `generation` is the zone header's reload generation: a worker of an
+// older cycle hands the scheduler over when a newer cycle reuses the zone.
+void sched_init_process(ngx_cycle_t* cycle, void* region, std::size_t bytes,
+                        const std::uint64_t* generation) noexcept;
+void sched_exit_process() noexcept;
+
+// A request's place in the scheduler (owned by the request's State).
+struct SchedRequest {
+  omni::sched::Ref ref{};
+  bool active = false;        // it holds an entry
+  bool waiting = false;       // linked in this worker's list of requests awaiting a decision
+  std::uint8_t seen = 0;      // the entry state last acted upon (omni::sched::State)
+  bool latency_recorded = false;
+  std::uint64_t enqueue_ns = 0;
+  ngx_queue_t link{};
+  // Called (on the event loop) when the entry's state changed from `seen`.
+  void (*on_change)(void* data) = nullptr;
+  void* data = nullptr;
+  ngx_event_t backstop{};     // a decision that never comes: the request fails cleanly
+};
+struct SchedEnqueue {
+  bool queued = false;
+  std::vector<std::uint32_t> cached[2];  // predicted cached tokens per server: prefill, decode
+  ngx_uint_t status = 0;       // refusals: 429 or 503
+  unsigned retry_after_s = 0;
+  std::string message;
+};
+// Whether requests of this location go through the scheduler in this worker.
+bool sched_active(const LocConf& lcf) noexcept;
+// The request's priority: the priority header, else the body's `priority`, else 0.
+std::int32_t sched_priority(ngx_http_request_t* r, std::optional<std::int64_t> body_priority);
+// Enqueues a request of `lcf` whose prompt is keyed in `kv`; on success it waits for its
+// decision (on_change). Refusals are answered by the caller.
+SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t priority,
+                           SchedRequest& sr, ngx_log_t* log);
+omni::sched::Decision sched_decision(const SchedRequest& sr) noexcept;
+// The owner acts on the decision: records the decision latency once.
+void sched_acted(SchedRequest& sr) noexcept;
+// The prefill leg came back (aggregated: the first token). Sequential requests then wait for
+// their decode server (on_change again).
+void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> actual_cached) noexcept;
+void sched_decode_done(SchedRequest& sr, double tpot_ms) noexcept;
+// The request ends or fails: frees its entry (idempotent).
+void sched_cancel(SchedRequest& sr) noexcept;
+nlohmann::json sched_status_json();
+void sched_render_metrics(omni::prom::TextWriter& w);
+
+// The kv_aware pieces the scheduler uses (kv.cpp): predicted cached tokens of the request on each
+// server of `pool` ([0] prefill keys, [1] decode keys), and the ring key of its prefix past
+// what every server holds.
+void kv_cached_by_server(const Pool& pool, const KvRequest& kv, int which,
+                         std::vector<std::uint32_t>& out) noexcept;
+std::uint64_t kv_ring_key(const KvRequest& kv, int which, std::span<const std::uint32_t> cached) noexcept;
+// Records a choice the scheduler made for a leg (explanation, approximate-mode blocks).
+void kv_record_choice(const Pool& pool, KvRequest& kv, int which, std::int32_t server,
+                      std::int32_t runner_up, std::uint8_t reason, double ttft_ms,
+                      double runner_up_ttft_ms, std::span<const std::uint32_t> cached) noexcept;
 
 // --- Variables (variables.cpp) ---------------------------------------------------------------
 ngx_int_t add_variables(ngx_conf_t* cf) noexcept;

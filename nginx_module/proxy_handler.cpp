@@ -89,6 +89,11 @@ struct State {
   std::optional<omni::PrefixKeys> prefix_keys;
   // kv_aware routing: keys, explanations, in-flight accounting.
   KvRequest kv;
+  // The schedulers (omni_proxy_schedule).
+  SchedRequest sched;
+  bool scheduled = false;          // it went through the scheduler
+  std::vector<std::uint32_t> sched_cached[2];  // predicted cached tokens per server at enqueue
+  bool sched_first_token = false;  // aggregated: the first token was reported as the prefill
   // Limits.
   Admitted admitted = Admitted::kNone;
   ngx_queue_t queue{};     // in the worker's wait queue of the group while queued
@@ -100,7 +105,9 @@ struct Ctx {
   State* state = nullptr;
   Leg leg = Leg::kNone;
   const std::string* body = nullptr;  // what this leg sends; owned by State
-  std::int32_t forced = -1;           // server the balancer must use (parallel prefill)
+  std::int32_t forced = -1;           // server the balancer must use (parallel prefill, or the
+                                      // scheduler's choice)
+  bool forced_retry = false;          // a retry may go elsewhere (the scheduler's choice)
   ngx_http_status_t status{};
   ngx_http_chunked_t chunked{};
   bool scanning = false;  // the decode answer is a success: scan it for tokens
@@ -173,6 +180,27 @@ void kv_finish(State& st) noexcept {
   kv_prefill_done(st.kv);
 }
 
+// The request's scheduler entry ends: a decode that ran reports its time per output token (the
+// decode scheduler's inter-token latency fit); anything else is cancelled.
+void sched_finish(State& st) noexcept {
+  if (!st.sched.active) return;
+  const omni::sched::Decision d = sched_decision(st.sched);
+  if (d.state == omni::sched::State::kDecode && st.scanner && st.first_token_ns != 0) {
+    const std::uint64_t out = st.scanner->output_tokens();
+    const std::uint64_t now = omni::monotonic_now_ns();
+    const double tpot_ms = out > 1 && now > st.first_token_ns
+                               ? double(now - st.first_token_ns) / 1e6 / double(out - 1)
+                               : 0.0;
+    sched_decode_done(st.sched, tpot_ms);
+    return;
+  }
+  if (d.state == omni::sched::State::kDecode) {
+    sched_decode_done(st.sched, 0);
+    return;
+  }
+  sched_cancel(st.sched);
+}
+
 // Ends the lifecycle: done, token counts, slot and limit group released. Idempotent; runs in
 // the log phase (so the access log sees a finished request) and again, harmlessly, when the
 // request's pool is destroyed.
@@ -193,6 +221,7 @@ void finish(State& st) noexcept {
     }
   }
   kv_finish(st);
+  sched_finish(st);
   enter(st, omni::Stage::kDone);
   if (st.slot && ss != nullptr) ss->release(*st.slot);
   st.slot.reset();
@@ -733,6 +762,7 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
   }
   if (state->lcf->mode == kModeParallel) {
     kv_prefill_done(state->kv);  // its tokens no longer queue on the prefill server
+    if (state->scheduled) sched_prefill_done(state->sched, prefill_ok(*state), std::nullopt);
     // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
     if (!prefill_ok(*state) && !state->decode_done) {
       try {
@@ -747,6 +777,18 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
   return rc;
 }
 
+// Sequential: the decode leg, with the prefill's kv_transfer_params, on `forced` (the decode
+// scheduler's choice) or wherever the policy says (-1).
+void start_decode(ngx_http_request_t* r, Ctx* ctx, std::int32_t forced) {
+  State& st = *ctx->state;
+  enter(st, omni::Stage::kDecodeScheduled);
+  ctx->leg = Leg::kDecode;
+  ctx->body = &st.decode_body;
+  ctx->forced = forced;
+  ctx->forced_retry = true;
+  start_leg(r, ctx);
+}
+
 // The client request's write handler while the sequential prefill subrequest runs: continues
 // with the decode leg once the prefill finished.
 void after_prefill(ngx_http_request_t* r) noexcept try {
@@ -754,6 +796,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   if (ctx == nullptr || !ctx->state->prefill_done) return;
   r->write_event_handler = ngx_http_request_empty_handler;
   State& st = *ctx->state;
+  if (!prefill_ok(st) && st.scheduled) sched_prefill_done(st.sched, false, std::nullopt);
   if (!prefill_ok(st)) {
     // A client error the engine reported stays a client error.
     const ngx_uint_t status = st.prefill_status >= 400 && st.prefill_status < 500
@@ -764,11 +807,12 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
     ngx_http_finalize_request(r, send_error(r, status, prefill_failure(st)));
     return;
   }
+  const std::optional<std::uint32_t> actual_cached = omni::cached_tokens_of(st.prefill_response);
   if (st.kv.keyed) {
     if (const Pool* pool = find_pool(st.lcf->prefill.upstream); pool != nullptr &&
                                                                   st.prefill_backend >= 0) {
-      if (const auto cached = omni::cached_tokens_of(st.prefill_response)) {
-        kv_observe_cached(st.kv, *pool, st.prefill_backend - pool->base, *cached,
+      if (actual_cached) {
+        kv_observe_cached(st.kv, *pool, st.prefill_backend - pool->base, *actual_cached,
                           st.kv.prompt_tokens);
       }
     }
@@ -776,6 +820,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   }
   auto kv = omni::extract_kv_transfer_params(st.prefill_response);
   if (!kv.ok()) {
+    if (st.scheduled) sched_prefill_done(st.sched, false, std::nullopt);
     ngx_http_finalize_request(
         r, send_error(r, NGX_HTTP_BAD_GATEWAY, "the prefill leg answered: " + kv.error().message));
     return;
@@ -783,10 +828,15 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   st.prefill_response.clear();
   st.prefill_response.shrink_to_fit();
   st.decode_body = omni::vllm_decode_body(*st.parsed, kv->has_value() ? &**kv : nullptr);
-  enter(st, omni::Stage::kDecodeScheduled);
-  ctx->leg = Leg::kDecode;
-  ctx->body = &st.decode_body;
-  start_leg(r, ctx);
+  if (st.scheduled) {
+    // The decode scheduler picks the decode server when one has a slot.
+    sched_prefill_done(st.sched, true, actual_cached);
+    if (sched_decision(st.sched).state == omni::sched::State::kDecodeQueued) {
+      r->read_event_handler = ngx_http_test_reading;  // a client that leaves is noticed
+      return;
+    }
+  }
+  start_decode(r, ctx, -1);
 } catch (...) {
   log_exception(r->connection->log, "after_prefill");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
@@ -795,7 +845,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
 // Starts the prefill leg as a subrequest of the client request. `background`: it runs beside
 // the client request's own leg (parallel) instead of before it (sequential).
 bool start_prefill(ngx_http_request_t* r, State& st, const std::string* body, bool background,
-                   std::int32_t forced) {
+                   std::int32_t forced, bool forced_retry = false) {
   auto* ps = static_cast<ngx_http_post_subrequest_t*>(
       ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t)));
   if (ps == nullptr) return false;
@@ -811,6 +861,7 @@ bool start_prefill(ngx_http_request_t* r, State& st, const std::string* body, bo
   sctx->leg = Leg::kPrefill;
   sctx->body = body;
   sctx->forced = forced;
+  sctx->forced_retry = forced_retry;
   ngx_http_set_ctx(sr, sctx, ngx_http_omni_proxy_module);
   st.prefill_sr = sr;
   return true;
@@ -824,7 +875,9 @@ std::uint64_t random_room() {
 }
 
 // Parallel P/D: picks the prefill server, names it in the body, starts both legs.
-void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
+// `chosen` and `decode`: the scheduler's servers (-1: the policy chooses now).
+void start_parallel(ngx_http_request_t* r, Ctx* ctx, std::int32_t chosen = -1,
+                    std::int32_t decode = -1) {
   State& st = *ctx->state;
   const Pool* pool = find_pool(st.lcf->prefill.upstream);
   PeerChoice choice;
@@ -832,7 +885,8 @@ void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
   choice.lcf = st.lcf;
   choice.keys = st.prefix_keys ? &*st.prefix_keys : nullptr;
   choice.kv = &st.kv;
-  const std::int32_t server = pool != nullptr ? choose_server(*pool, choice) : -1;
+  const std::int32_t server =
+      chosen >= 0 ? chosen : pool != nullptr ? choose_server(*pool, choice) : -1;
   if (server < 0) {
     ngx_http_finalize_request(
         r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, "no prefill server is available", {}, 1));
@@ -860,14 +914,33 @@ void start_parallel(ngx_http_request_t* r, Ctx* ctx) {
   }
   ctx->leg = Leg::kDecode;
   ctx->body = &st.decode_body;
+  ctx->forced = decode;
+  ctx->forced_retry = true;
   start_leg(r, ctx);
 }
+
+void sched_changed(void* data) noexcept;
 
 // Runs the request's legs; it has its place (admitted, or no limit).
 void proceed(ngx_http_request_t* r) noexcept try {
   Ctx* ctx = get_ctx(r);
   State& st = *ctx->state;
   enter(st, omni::Stage::kWaitingPrefill);
+  if (sched_active(*st.lcf) && st.parsed && st.kv.keyed) {
+    st.sched.on_change = sched_changed;
+    st.sched.data = &st;
+    SchedEnqueue e = sched_enqueue(*st.lcf, st.kv, sched_priority(r, st.parsed->features.priority),
+                                   st.sched, r->connection->log);
+    if (e.queued) {
+      st.scheduled = true;
+      st.sched_cached[0] = std::move(e.cached[0]);
+      st.sched_cached[1] = std::move(e.cached[1]);
+      r->read_event_handler = ngx_http_test_reading;  // a client that leaves is noticed
+      return;
+    }
+    ngx_http_finalize_request(r, send_error(r, e.status, e.message, {}, e.retry_after_s));
+    return;
+  }
   switch (st.lcf->mode) {
     case kModeAggregated:
       enter(st, omni::Stage::kPrefillScheduled);
@@ -893,6 +966,84 @@ void proceed(ngx_http_request_t* r) noexcept try {
 } catch (...) {
   log_exception(r->connection->log, "proceed");
   ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+// The scheduler decided for a waiting request (omni_proxy_schedule): start its legs on the
+// chosen servers, or fail it with the scheduler's reason.
+void sched_changed(void* data) noexcept {
+  auto* st = static_cast<State*>(data);
+  ngx_http_request_t* r = st->r;
+  ngx_connection_t* c = r->connection;
+  try {
+    Ctx* ctx = get_ctx(r);
+    const omni::sched::Decision d = sched_decision(st->sched);
+    r->read_event_handler = ngx_http_block_reading;
+    const bool aggregated = st->lcf->mode == kModeAggregated;
+    const Pool* ppool = find_pool(aggregated ? st->lcf->decode.upstream : st->lcf->prefill.upstream);
+    const Pool* dpool = aggregated ? nullptr : find_pool(st->lcf->decode.upstream);
+    switch (d.valid ? d.state : omni::sched::State::kFree) {
+      case omni::sched::State::kPrefill: {
+        sched_acted(st->sched);
+        if (ppool != nullptr) {
+          kv_record_choice(*ppool, st->kv, 0, d.prefill_server, d.runner_up, d.reason,
+                           d.expected_ms, d.runner_up_ms, st->sched_cached[0]);
+        }
+        if (st->lcf->mode == kModeParallel) {
+          if (dpool != nullptr) {
+            kv_record_choice(*dpool, st->kv, 1, d.decode_server, -1, 3, 0, 0,
+                             st->sched_cached[1]);
+          }
+          start_parallel(r, ctx, d.prefill_server, d.decode_server);
+        } else if (aggregated) {
+          enter(*st, omni::Stage::kPrefillScheduled);
+          ctx->leg = Leg::kDecode;
+          ctx->body = st->upstream_body.empty() ? &st->client_body : &st->upstream_body;
+          ctx->forced = d.prefill_server;
+          ctx->forced_retry = true;
+          start_leg(r, ctx);
+        } else {
+          st->prefill_body = omni::vllm_prefill_body(*st->parsed);
+          enter(*st, omni::Stage::kPrefillScheduled);
+          if (!start_prefill(r, *st, &st->prefill_body, false, d.prefill_server, true)) {
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+            break;
+          }
+          r->write_event_handler = after_prefill;
+        }
+        break;
+      }
+      case omni::sched::State::kDecode:  // sequential: the decode server was chosen
+        sched_acted(st->sched);
+        if (dpool != nullptr) {
+          kv_record_choice(*dpool, st->kv, 1, d.decode_server, -1, 3, 0, 0, st->sched_cached[1]);
+        }
+        start_decode(r, ctx, d.decode_server);
+        break;
+      case omni::sched::State::kRefused:
+        sched_cancel(st->sched);
+        ngx_http_finalize_request(
+            r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                          st->prefill_done ? "no decode server had room for the request in time; "
+                                             "try again later"
+                                           : "no prefill server can take the request; try again "
+                                             "later",
+                          {}, 1));
+        break;
+      case omni::sched::State::kQueued:
+      case omni::sched::State::kDecodeQueued:
+        break;  // nothing new
+      default:
+        sched_cancel(st->sched);
+        ngx_http_finalize_request(
+            r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                          "the scheduler lost the request (a worker restarted); try again", {}, 1));
+        break;
+    }
+  } catch (...) {
+    log_exception(c->log, "scheduler decision");
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+  }
+  ngx_http_run_posted_requests(c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1188,7 +1339,7 @@ void after_tokenize(ngx_http_request_t* r, State& st) {
   if (st.lcf->policy == kPolicyCacheAware && st.parsed && st.lcf->prefix != nullptr) {
     st.prefix_keys.emplace(omni::prefix_keys_of(*st.parsed, *st.lcf->prefix));
   }
-  if (st.lcf->policy == kPolicyKvAware && st.parsed) {
+  if ((st.lcf->policy == kPolicyKvAware || sched_active(*st.lcf)) && st.parsed) {
     kv_key_request(*st.lcf, *st.parsed, st.prompt_tokens, st.kv);
   }
   const std::uint64_t now = omni::monotonic_now_ns();
@@ -1346,6 +1497,11 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
   for (ngx_chain_t* cl = in; cl != nullptr; cl = cl->next) {
     ngx_buf_t* b = cl->buf;
     if (b == nullptr || b->in_file || b->last <= b->pos) continue;
+    // Aggregated: the first bytes of the answer end the prefill, for the scheduler.
+    if (st.scheduled && !st.sched_first_token && st.lcf->mode == kModeAggregated) {
+      st.sched_first_token = true;
+      sched_prefill_done(st.sched, true, std::nullopt);
+    }
     // TTFT and TPOT describe streams: a whole answer arrives at once.
     if (st.first_token_ns == 0 && st.parsed && st.parsed->features.stream) {
       st.first_token_ns = omni::monotonic_now_ns();
@@ -1615,7 +1771,8 @@ bool leg_choice(ngx_http_request_t* r, PeerChoice& out) noexcept {
   Ctx* ctx = get_ctx(r);
   if (ctx == nullptr || ctx->state == nullptr || ctx->leg == Leg::kNone) return false;
   out.request_hash = ctx->state->request_hash;
-  out.forced = ctx->leg == Leg::kPrefill ? ctx->forced : -1;
+  out.forced = ctx->forced;
+  out.forced_retry = ctx->forced_retry;
   out.lcf = ctx->state->lcf;
   out.keys = ctx->state->prefix_keys ? &*ctx->state->prefix_keys : nullptr;
   out.kv = &ctx->state->kv;

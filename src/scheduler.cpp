@@ -117,6 +117,7 @@ struct Header {
       refused_deadline, refused_unavailable, refused_decode_wait, cancelled, completed,
       reclaimed, repairs, passes;
   Log2Histogram decision_latency;
+  Log2Histogram notify_latency;
   Log2Histogram queue_wait;
   Log2Histogram decode_wait;
 };
@@ -540,8 +541,11 @@ struct Scheduler::Impl {
       } else if (under != best_under) {
         better = under;
       } else if (under) {
-        // Within the SLO: the one whose own cache holds most, then the least loaded.
-        better = c > best_cached || (c == best_cached && load < best_load);
+        // Within the SLO: the one whose own cache holds most, then the least loaded, then
+        // rendezvous hashing of the prefix (deterministic, spreads ties).
+        better = c > best_cached || (c == best_cached && load < best_load) ||
+                 (c == best_cached && load == best_load &&
+                  mix64(e.ring_key ^ dp.ids[j]) > mix64(e.ring_key ^ dp.ids[best.server]));
       } else {
         better = itl < best.itl;
       }
@@ -613,8 +617,11 @@ struct Scheduler::Impl {
         best_room > best_all + o.route.tie_fraction * best_all) {
       return Outcome::kWait;
     }
+    // The ring key was chosen at enqueue (the prefix past what every server holds): a single
+    // key, whatever the common part.
+    const std::uint64_t ring_key[1] = {e.ring_key};
     const auto d = choose_prefill(std::span<const KvCandidate>(roomy, n_room), s.rings_[e.ppool],
-                                  {}, 0, e.prompt_tokens, o.route);
+                                  ring_key, 1, e.prompt_tokens, o.route);
     if (!d) return Outcome::kWait;
     const KvCandidate& chosen = roomy[d->chosen];
     const auto j = static_cast<std::uint16_t>(chosen.index);
@@ -1322,6 +1329,9 @@ std::uint32_t Scheduler::repair() {
 void Scheduler::observe_decision_latency(std::uint64_t ns) noexcept {
   hdr_->decision_latency.observe(ns);
 }
+void Scheduler::observe_notify_latency(std::uint64_t ns) noexcept {
+  hdr_->notify_latency.observe(ns);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Introspection
@@ -1389,6 +1399,7 @@ InstanceStats Scheduler::instance_stats(std::uint32_t instance, std::uint64_t no
 }
 
 const Log2Histogram& Scheduler::decision_latency() const noexcept { return hdr_->decision_latency; }
+const Log2Histogram& Scheduler::notify_latency() const noexcept { return hdr_->notify_latency; }
 const Log2Histogram& Scheduler::queue_wait() const noexcept { return hdr_->queue_wait; }
 const Log2Histogram& Scheduler::decode_wait() const noexcept { return hdr_->decode_wait; }
 const RobustLockWord& Scheduler::lock_word() const noexcept { return hdr_->lock; }

@@ -356,14 +356,17 @@ class Scheduler {
   // entries were found corrupt and freed.
   std::uint32_t repair();
 
-  // Owners record when they acted on a decision (enqueue -> acting, nanoseconds).
+  // Owners record when they acted on a decision: from enqueue (the decision latency, which
+  // includes any wait for a server) and from the release (what the notification costs).
   void observe_decision_latency(std::uint64_t ns) noexcept;
+  void observe_notify_latency(std::uint64_t ns) noexcept;
 
   // --- Introspection --------------------------------------------------------------------------
   Stats stats() const noexcept;
   InstanceStats instance_stats(std::uint32_t instance, std::uint64_t now_ns,
                                const Options& opt) const;
   const Log2Histogram& decision_latency() const noexcept;
+  const Log2Histogram& notify_latency() const noexcept;
   const Log2Histogram& queue_wait() const noexcept;     // enqueue -> prefill release
   const Log2Histogram& decode_wait() const noexcept;    // decode enqueue -> decode release
   const RobustLockWord& lock_word() const noexcept;
