@@ -794,12 +794,12 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
       }
     }
   }
-  if (!omni::ngx::kv_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
-  if (!omni::ngx::sched_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
   if (reg.sched.enabled && !reg.pools.empty() && mcf->zone == nullptr) {
     return conf_error(cf, "\"omni_proxy_scheduler\" needs \"omni_proxy_zone\": the queue is "
                           "shared by all workers");
   }
+  if (!omni::ngx::sched_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
+  if (!omni::ngx::kv_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
   reg.fingerprint =
       fingerprint(sc, reg.prefix_entries, reg.kv_blocks, omni::ngx::sched_bytes(reg));
   omni::ngx::install_balancer(reg);

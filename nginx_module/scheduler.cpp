@@ -63,6 +63,9 @@ struct SchedRuntime {
   ngx_queue_t waiting{};
   std::size_t waiting_count = 0;
   std::vector<omni::sched::InstanceView> views;
+  // Per backend: the poll last seen, and this proxy's decodes there at that moment (what the
+  // engine's running count includes of ours).
+  std::vector<std::pair<std::uint64_t, std::uint32_t>> polled;
   std::uint64_t wakes_sent = 0, wakes_failed = 0, wakes_received = 0;
 };
 
@@ -327,6 +330,11 @@ void on_pidfd(ngx_event_t*) noexcept {
 void lease_tick(ngx_event_t* ev) noexcept {
   check_lease();
   SchedRuntime& r = srt();
+  // The engines' polled load changes without an event: queued requests are looked at again.
+  if (r.s != nullptr && r.leader) {
+    const omni::sched::Stats st = r.s->stats();
+    if (st.queued + st.decode_queued > 0) run_pass();
+  }
   if (r.s != nullptr && !ngx_terminate) ngx_add_timer(ev, kLeaseTick);
 }
 
@@ -373,6 +381,12 @@ void fill_views() {
         v.engine_running = load->running;
         v.engine_waiting = load->waiting;
         v.kv_usage = load->kv_usage;
+        const std::uint32_t b = p.base + i;
+        if (r.polled.size() < r.views.size()) r.polled.resize(r.views.size(), {0, 0});
+        if (r.polled[b].first != load->polled_ns) {
+          r.polled[b] = {load->polled_ns, r.s->instance_stats(b, now, r.reg->sched.options).decoding};
+        }
+        v.others_running = load->running > r.polled[b].second ? load->running - r.polled[b].second : 0;
       }
       // Polling says the engine is unreachable: failures and no success for 3 intervals.
       if (interval_ns != 0 && ss->poll_failures_total(static_cast<std::uint16_t>(p.base + i)) > 0) {
@@ -1035,6 +1049,7 @@ nlohmann::json sched_status_json() {
   j["leader_beat_age_ms"] =
       st.leader_beat_ns != 0 && now > st.leader_beat_ns ? (now - st.leader_beat_ns) / 1'000'000 : 0;
   j["leader_changes"] = st.leader_changes;
+  j["leader_since_ns"] = st.leader_since_ns;  // CLOCK_MONOTONIC
   j["capacity"] = st.capacity;
   j["entries"] = st.live;
   j["queued"] = st.queued;

@@ -529,8 +529,8 @@ struct Scheduler::Impl {
       const Instance& in = inst(b);
       const bool high = kv_usage(views, b) >= o.kv_usage_high;
       if (high && any_low) continue;
-      const double engine = b < views.size() ? views[b].engine_running : 0;
-      const double load = std::max<double>(in.decoding, engine);
+      const double others = b < views.size() ? views[b].others_running : 0;
+      const double load = static_cast<double>(in.decoding) + others;
       if (in.max_seqs != 0 && load >= in.max_seqs) continue;
       const double itl = itl_ms(in, load + 1, o);
       const bool under = !(o.tpot_slo_ms > 0) || itl <= o.tpot_slo_ms;

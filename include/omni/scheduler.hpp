@@ -45,8 +45,9 @@
 // cycle is learned is held until `lead` before the step's expected end, so that it arrives in
 // time for the next batch and a later, more urgent request can still take its place.
 //
-// Decode. A decode instance is eligible while its running requests (the larger of the proxy's
-// own count and the engine's report) are below `max_seqs` and its KV usage is below
+// Decode. A decode instance is eligible while its running requests (the proxy's own decodes
+// there plus those the engine last reported running for others) are below `max_seqs` and its KV
+// usage is below
 // kv_usage_high (unless all are). The expected inter-token latency with one more request is
 //     itl_ms(running + 1) = c + d x (running + 1)   (fitted online from finished requests' TPOT)
 // Instances that stay within the TPOT SLO are preferred; among them the one whose own prefix
@@ -121,6 +122,10 @@ struct InstanceView {
   bool healthy = true;   // false: never chosen (down, failing, not polled successfully)
   std::uint32_t engine_running = 0;  // the engine's reported running requests (0: unknown)
   std::uint32_t engine_waiting = 0;
+  // Decode: requests the engine runs for others (other proxies): its reported running requests
+  // minus this proxy's own decodes there when it reported. Counted with this proxy's current
+  // decodes against max_seqs, so that its own finished requests free their slot at once.
+  std::uint32_t others_running = 0;
   double kv_usage = std::numeric_limits<double>::quiet_NaN();
 };
 
