@@ -15,6 +15,10 @@ systems differ only in who chooses each leg's server:
   omni                our module's default policy (least outstanding, cache-blind)
   omni_kv             omni_proxy_policy kv_aware over the engines' KV events
   omni_kv_approx      omni_proxy_policy kv_aware, approximate mode (no events)
+  omni_sched          the schedulers (omni_proxy_schedule) over the KV events: requests wait in
+                      the proxy's shared queue and are released to the instance whose next batch
+                      has room and whose expected completion is soonest; admission control
+                      refuses what cannot start within the TTFT SLO (max_wait = the SLO)
 
 Every engine publishes KV events in every run (equal engine cost); only omni_kv reads them.
 
@@ -62,7 +66,22 @@ SYSTEMS = {
     "omni_kv": ("omni_proxy kv_aware (KV events)", "", "omni_proxy_policy kv_aware;", "events"),
     "omni_kv_approx": ("omni_proxy kv_aware (approximate)", "", "omni_proxy_policy kv_aware;",
                        "approximate"),
+    "omni_sched": ("omni_proxy scheduler (KV events)", "", "omni_proxy_schedule on;", "events"),
 }
+
+
+def scheduler_conf(system, time_scale, slo_ttft_ms):
+    """The http-level scheduler directives of a system, in wall-clock units (model times x the
+    time scale): the queue bound is the TTFT SLO; the cost-model defaults are the profile's
+    (30 ms per step, ~28 ms per 1000 uncached tokens) until the instances are measured."""
+    if system != "omni_sched":
+        return ""
+    wall = lambda ms: max(1, int(round(ms * time_scale)))  # noqa: E731
+    return ("    omni_proxy_scheduler max_wait=%dms merge=1ms lead=1ms step=%dms per_ktoken=%dms "
+            "batch_tokens=131072 itl=%dms;\n"
+            "    omni_proxy_capacity prefill batch_tokens=131072;\n"
+            "    omni_proxy_capacity decode max_seqs=1024;\n"
+            % (wall(slo_ttft_ms), wall(30), wall(28), wall(48)))
 # Port layout of a run: HTTP ports from a base, KV-event PUB ports at +100, replay at +200
 # (prefill instances first, decode instances from +10).
 PUB_OFFSET, REPLAY_OFFSET = 100, 200
@@ -174,7 +193,7 @@ class Sim:
         self.log.close()
 
 
-def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports):
+def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports, sched=""):
     _, balancer, policy, kv = SYSTEMS[system]
     if kv == "events":
         kv_conf = "".join("    omni_proxy_kv_cache %s events pub_port_offset=%d replay_port_offset=%d;\n"
@@ -189,6 +208,7 @@ def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports):
         servers = "".join("        server 127.0.0.1:%d;\n" % p for p in ports)
         return ("    upstream %s {\n        %s\n        zone %s 256k;\n%s        keepalive 64;\n"
                 "    }\n" % (name, balancer, name, servers))
+    kv_conf += sched
 
     return """load_module {module};
 pid {d}/nginx.pid;
@@ -276,7 +296,8 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
         sims.append(decode)
         port = free_port()
         nginx = Nginx(run_dir, nginx_conf(run_dir, bins["module"], port, system, prefill.ports(),
-                                          decode.ports()))
+                                          decode.ports(),
+                                          scheduler_conf(system, scale, args.slo_ttft_ms)))
         summary_path = os.path.join(out_dir, "summary.json")
         cmd = [bins["bench"]] + trace_args(trace, data, args) + [
             "--target", "http://127.0.0.1:%d" % port, "--time-scale", str(scale),
@@ -295,6 +316,7 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
             st = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/omni/status" % port,
                                                    timeout=10).read())
             summary["kv_status"] = st.get("kv")
+            summary["scheduler_status"] = st.get("scheduler")
         except Exception:  # noqa: BLE001 (a report detail, not a result)
             summary["kv_status"] = None
         return summary

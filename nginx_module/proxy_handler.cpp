@@ -122,6 +122,13 @@ struct Ctx {
   ngx_chain_t* conv_busy = nullptr;
 };
 
+// A zeroed context from the request's pool (its members' initializers do not run there).
+Ctx* new_ctx(ngx_pool_t* pool) {
+  auto* ctx = static_cast<Ctx*>(ngx_pcalloc(pool, sizeof(Ctx)));
+  if (ctx != nullptr) ctx->forced = -1;
+  return ctx;
+}
+
 Ctx* get_ctx(ngx_http_request_t* r) {
   return static_cast<Ctx*>(ngx_http_get_module_ctx(r, ngx_http_omni_proxy_module));
 }
@@ -855,7 +862,7 @@ bool start_prefill(ngx_http_request_t* r, State& st, const std::string* body, bo
   ngx_uint_t flags = NGX_HTTP_SUBREQUEST_IN_MEMORY | NGX_HTTP_SUBREQUEST_CLONE;
   if (background) flags |= NGX_HTTP_SUBREQUEST_BACKGROUND;
   if (ngx_http_subrequest(r, &r->uri, &r->args, &sr, ps, flags) != NGX_OK) return false;
-  auto* sctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+  auto* sctx = new_ctx(r->pool);
   if (sctx == nullptr) return false;
   sctx->state = &st;
   sctx->leg = Leg::kPrefill;
@@ -1457,7 +1464,7 @@ ngx_int_t header_filter(ngx_http_request_t* r) noexcept try {
   }
   Ctx* ctx = get_ctx(r);
   if (ctx == nullptr) {
-    ctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+    ctx = new_ctx(r->pool);
     if (ctx == nullptr) return NGX_ERROR;
     ngx_http_set_ctx(r, ctx, ngx_http_omni_proxy_module);
   }
@@ -1656,7 +1663,7 @@ ngx_int_t proxy_handler(ngx_http_request_t* r) noexcept try {
   }
   auto* lcf = static_cast<LocConf*>(ngx_http_get_module_loc_conf(r, ngx_http_omni_proxy_module));
   auto* cln = ngx_pool_cleanup_add(r->pool, 0);
-  auto* ctx = static_cast<Ctx*>(ngx_pcalloc(r->pool, sizeof(Ctx)));
+  auto* ctx = new_ctx(r->pool);
   if (cln == nullptr || ctx == nullptr) return NGX_HTTP_INTERNAL_SERVER_ERROR;
   ctx->state = new State();
   cln->handler = destroy_state;
