@@ -210,6 +210,9 @@ def free_port(count=1):
         try:
             for p in range(base, base + count):
                 t = socket.socket()
+                # As the servers bind (nginx, Asio and ZMQ set SO_REUSEADDR): a port whose old
+                # connections linger in TIME_WAIT is free for them.
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 t.bind(("127.0.0.1", p))
                 held.append(t)
             return base
