@@ -72,16 +72,18 @@ SYSTEMS = {
 
 def scheduler_conf(system, time_scale, slo_ttft_ms):
     """The http-level scheduler directives of a system, in wall-clock units (model times x the
-    time scale): the queue bound is the TTFT SLO; the cost-model defaults are the profile's
-    (30 ms per step, ~28 ms per 1000 uncached tokens) until the instances are measured."""
+    time scale): the queue bound is the TTFT SLO, the step target a third of it (a request
+    waits at most for the step in progress and its own); the cost-model defaults are the
+    profile's (30 ms per step, ~28 ms per 1000 uncached tokens) until the instances are
+    measured."""
     if system != "omni_sched":
         return ""
     wall = lambda ms: max(1, int(round(ms * time_scale)))  # noqa: E731
     return ("    omni_proxy_scheduler max_wait=%dms merge=1ms lead=1ms step=%dms per_ktoken=%dms "
-            "batch_tokens=131072 itl=%dms;\n"
+            "batch_tokens=131072 step_target=%dms itl=%dms;\n"
             "    omni_proxy_capacity prefill batch_tokens=131072;\n"
             "    omni_proxy_capacity decode max_seqs=1024;\n"
-            % (wall(slo_ttft_ms), wall(30), wall(28), wall(48)))
+            % (wall(slo_ttft_ms), wall(30), wall(28), wall(slo_ttft_ms / 3), wall(48)))
 # Port layout of a run: HTTP ports from a base, KV-event PUB ports at +100, replay at +200
 # (prefill instances first, decode instances from +10).
 PUB_OFFSET, REPLAY_OFFSET = 100, 200

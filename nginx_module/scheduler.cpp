@@ -526,6 +526,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
       o.default_ms_per_ktoken = ms;
     } else if (name == "batch_tokens" && parse_uint(text, 1, 1u << 24, n)) {
       o.default_batch_tokens = static_cast<std::uint32_t>(n);
+    } else if (name == "step_target" && parse_ms(text, ms) && ms <= 600'000) {
+      o.step_target_ms = ms;
     } else if (name == "tpot_slo" && parse_ms(text, ms) && ms <= 60'000) {
       o.tpot_slo_ms = ms;
     } else if (name == "itl" && parse_ms(text, ms) && ms >= 1 && ms <= 60'000) {
@@ -546,7 +548,7 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
           NGX_LOG_EMERG, cf, 0,
           "\"%V\": invalid parameter \"%V\"; use queue=64..%uD, max_queue=N, max_wait=TIME, "
           "decode_max_wait=TIME, wait_weight=X, length_weight=TIME, release=immediate|boundary, "
-          "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, tpot_slo=TIME, "
+          "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, step_target=TIME, tpot_slo=TIME, "
           "itl=TIME, tie=X, epsilon=X, priority_header=NAME",
           &cmd->name, &value[i], kMaxCapacity);
       return static_cast<char*>(NGX_CONF_ERROR);

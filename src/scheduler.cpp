@@ -177,8 +177,11 @@ double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fall
 void rls_init(Rls& r, double t0, double t1) {
   r.t0 = t0;
   r.t1 = t1;
-  // A weak prior: the defaults hold until a few observations say otherwise.
-  r.p00 = 1e4;
+  // Priors: the slope (time per 1000 tokens, or per running request) is learned from the first
+  // observations; the intercept (the fixed cost of a step) moves slowly from its default, since
+  // loaded engines run steps of similar sizes, which cannot separate the two (the slope would
+  // collapse and the intercept take everything).
+  r.p00 = 1.0;
   r.p01 = 0;
   r.p11 = 1e4;
   r.n = 0;
@@ -279,6 +282,13 @@ struct Scheduler::Impl {
     const std::uint64_t def = std::max<std::uint32_t>(1, o.default_batch_tokens);
     return static_cast<std::uint32_t>(std::min<std::uint64_t>(std::max(seen, def), UINT32_MAX));
   }
+  // The room of a next batch: B, or less with a step target.
+  double release_budget(const Instance& in, const Options& o) const {
+    const double B = batch_tokens(in, o);
+    if (!(o.step_target_ms > 0)) return B;
+    const double fit = (o.step_target_ms - step_a(in, o)) / step_b(in, o);
+    return std::clamp(fit, 1.0, B);
+  }
   static double step_a(const Instance& in, const Options& o) {
     if (in.step.n == 0) return std::max(0.0, o.default_step_ms);
     return std::max(0.0, finite_or(in.step.t0, o.default_step_ms));
@@ -321,15 +331,15 @@ struct Scheduler::Impl {
     n.remaining_ms = n.end_ns > now ? ns_to_ms(n.end_ns - now) : 0.0;
     return n;
   }
+  // The engine computes what it has in steps of up to B tokens, whatever the proxy's budget.
   double eta_ms(const Instance& in, const Now& n, double u, const Options& o) const {
-    if (!n.busy) return step_ms(in, u, o);
     const double B = batch_tokens(in, o);
     const double w = static_cast<double>(n.pending) + u;
     const double steps = std::max(1.0, std::ceil(w / B));
     return n.remaining_ms + steps * step_a(in, o) + step_b(in, o) * w;
   }
   bool room(const Instance& in, const Now& n, double u, const Options& o) const {
-    return n.pending == 0 || static_cast<double>(n.pending) + u <= batch_tokens(in, o);
+    return n.pending == 0 || static_cast<double>(n.pending) + u <= release_budget(in, o);
   }
 
   // Closes a cluster of completions: one observed step.
@@ -676,14 +686,21 @@ struct Scheduler::Impl {
   }
 
   // Admission estimate: the wait before a request with key `key`, priority `prio` and
-  // `uncached` tokens in `pool` would be released: the queued work ahead of it and what the
-  // pool's instances still have pending, over the pool's combined speed.
+  // `uncached` tokens in `pool` would be released. Each healthy instance is free of the work
+  // already released to it at free_i (the step in progress, then its pending tokens) and then
+  // computes r_i = B / (a + b B) tokens per ms; the queued work ahead of the request (the
+  // entries that sort before it) is shared out over the instances as they free up (water
+  // filling): the wait is the time T at which sum_i max(0, T - free_i) r_i covers it. With
+  // nothing ahead, the wait is until the soonest instance has room for it.
   double expected_wait_ms(std::uint16_t pool_index, std::int32_t prio, double key, double uncached,
                           std::uint64_t now, const Options& o, std::span<const InstanceView> views,
                           bool& any_healthy) {
     const PoolShape& pp = pool(pool_index);
-    double speed = 0;  // tokens per ms over the healthy instances
-    double backlog = 0;
+    struct Lane {
+      double free_ms, rate;
+    };
+    Lane lanes[kMaxServers];
+    std::size_t n = 0;
     double soonest = std::numeric_limits<double>::infinity();
     any_healthy = false;
     for (std::uint16_t j = 0; j < pp.count; ++j) {
@@ -692,10 +709,15 @@ struct Scheduler::Impl {
       any_healthy = true;
       const Instance& in = inst(b);
       const Now st = state_now(in, now, o);
-      speed += 1.0 / step_b(in, o);
-      const bool has_room = room(in, st, uncached, o);
-      backlog += static_cast<double>(st.pending);
-      soonest = std::min(soonest, has_room ? 0.0 : st.remaining_ms);
+      const double B = batch_tokens(in, o);
+      double free_ms = st.remaining_ms;
+      if (st.pending > 0) {
+        const double pend = static_cast<double>(st.pending);
+        free_ms += std::ceil(pend / B) * step_a(in, o) + step_b(in, o) * pend;
+      }
+      const double full = release_budget(in, o);
+      lanes[n++] = {free_ms, full / (step_a(in, o) + step_b(in, o) * full)};
+      soonest = std::min(soonest, room(in, st, uncached, o) ? 0.0 : st.remaining_ms);
     }
     if (!any_healthy) return std::numeric_limits<double>::infinity();
     double ahead = 0;
@@ -705,11 +727,18 @@ struct Scheduler::Impl {
       if (q.priority > prio || (q.priority == prio && q.key > key)) break;
       ahead += q.min_uncached;
     }
-    if (ahead == 0 && soonest == 0) return 0;
-    // The work ahead must be done before this request's batch can start; each instance
-    // absorbs a batch at a time, so the first slot opens after the soonest step end.
-    const double drain = (ahead + backlog) / speed;
-    return std::max(drain, std::isfinite(soonest) ? soonest : 0.0);
+    if (ahead == 0) return std::isfinite(soonest) ? soonest : 0.0;
+    std::sort(lanes, lanes + n, [](const Lane& x, const Lane& y) { return x.free_ms < y.free_ms; });
+    // Water filling: with the first k lanes open, the work done by time T is
+    // sum_{i<k} (T - free_i) r_i.
+    double rate = 0, weighted = 0;  // sum r_i, sum free_i r_i over the open lanes
+    for (std::size_t k = 0; k < n; ++k) {
+      rate += lanes[k].rate;
+      weighted += lanes[k].free_ms * lanes[k].rate;
+      const double t = (ahead + weighted) / rate;
+      if (k + 1 == n || t <= lanes[k + 1].free_ms) return std::max(t, 0.0);
+    }
+    return 0;
   }
 };
 
@@ -1160,7 +1189,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
     for (std::uint16_t j = 0; j < pp.count && !any_room; ++j) {
       const Impl::Now& st = pn[entries_[idx].ppool].now[j];
       any_room = st.pending == 0 ||
-                 st.pending < im.batch_tokens(inst_[pp.base + j], opt);
+                 st.pending < im.release_budget(inst_[pp.base + j], opt);
     }
     if (!any_room && pools_.size() == 1) break;
   }

@@ -41,7 +41,9 @@
 // instance with the lowest ETA overall has no room (its cache saves more than the queue costs),
 // the request keeps waiting for it rather than going elsewhere. Instances whose next batch is
 // full get nothing more: requests wait in the proxy, where they can still go to whichever
-// instance frees up first. In `boundary` release mode a request chosen for a busy instance whose
+// instance frees up first. With step_target, the room of a next batch is the smaller of B and
+// the tokens a step of step_target ms computes: shorter steps, so that the requests of one batch
+// all meet their TTFT budget, at the cost of one step overhead (a) more often. In `boundary` release mode a request chosen for a busy instance whose
 // cycle is learned is held until `lead` before the step's expected end, so that it arrives in
 // time for the next batch and a later, more urgent request can still take its place.
 //
@@ -151,6 +153,11 @@ struct Options {
   double default_step_ms = 10;               // a
   double default_ms_per_ktoken = 50;         // b x 1000 (20k tokens/s)
   std::uint32_t default_batch_tokens = 16384;  // B when neither configured nor observed
+  // The step the proxy aims for: it releases at most the tokens a step of this many ms
+  // computes (from the fitted a and b) into an instance's next batch, even when the engine
+  // would absorb more (B), so that a full step does not push every request in it past its
+  // TTFT budget. 0: the engine's own budget B.
+  double step_target_ms = 0;
   double forgetting = 0.98;                  // of the online fits, 0 < f <= 1
   std::uint32_t min_cycle_samples = 8;       // boundary mode needs this many steps observed
   // Decode.
