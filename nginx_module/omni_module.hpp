@@ -353,6 +353,7 @@ struct SchedRequest {
   bool waiting = false;       // linked in this worker's list of requests awaiting a decision
   std::uint8_t seen = 0;      // the entry state last acted upon (omni::sched::State)
   bool latency_recorded = false;
+  bool timed_out = false;     // the backstop fired: no decision came in time
   std::uint64_t enqueue_ns = 0;
   ngx_queue_t link{};
   // Called (on the event loop) when the entry's state changed from `seen`.

@@ -1043,7 +1043,10 @@ void sched_changed(void* data) noexcept {
         sched_cancel(st->sched);
         ngx_http_finalize_request(
             r, send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                          "the scheduler lost the request (a worker restarted); try again", {}, 1));
+                          st->sched.timed_out
+                              ? "the scheduler did not decide for the request in time; try again"
+                              : "the scheduler lost the request (a worker exited); try again",
+                          {}, 1));
         break;
     }
   } catch (...) {

@@ -4,9 +4,10 @@
 // (omni/scheduler.hpp). This file is the glue:
 //  - one scheduling worker: the lease in the zone (pid and heartbeat). Every worker watches
 //    the holder: a pidfd (pidfd_open) registered in its event loop becomes readable the moment
-//    the holder dies, and a 100 ms timer checks the heartbeat (a holder that stopped beating for
-//    500 ms, e.g. a worker draining after a reload, is replaced). The new holder reclaims the
-//    dead worker's entries and runs a pass at once;
+//    the holder dies, and a 100 ms timer checks the heartbeat (a holder alive but stuck, that
+//    stopped beating for 500 ms, is replaced). The new holder reclaims the dead worker's entries
+//    and runs a pass at once. After a reload that keeps the zone, the old cycle's holder hands
+//    the lease over (the zone's generation tells it a newer cycle runs);
 //  - notifications without polling: every worker binds an abstract unix datagram socket named
 //    after its pid ("\0omni-proxy/w/<pid>") and registers it in its event loop. An owner that
 //    enqueues (or frees a server) sends one byte to the scheduling worker; the scheduling worker
@@ -37,10 +38,10 @@
 namespace omni::ngx {
 namespace {
 
-constexpr ngx_msec_t kLeaseTick = 100;          // heartbeat and lease check
+constexpr ngx_msec_t kLeaseTick = 100;  // heartbeat and lease check
 constexpr std::uint64_t kLeaseStaleNs = 500'000'000ULL;
 constexpr ngx_msec_t kReclaimEvery = 1000;
-constexpr ngx_msec_t kBackstopSlack = 5000;     // past the bounds, a request gives up waiting
+constexpr ngx_msec_t kBackstopSlack = 5000;  // past the bounds, a request gives up waiting
 constexpr std::uint32_t kMinCapacity = 64;
 constexpr std::uint32_t kMaxCapacity = omni::sched::kMaxCapacity;
 
@@ -56,8 +57,8 @@ struct SchedRuntime {
   std::int32_t watched = 0;
   ngx_event_t lease_timer{};
   ngx_event_t pass_timer{};
-  ngx_event_t pass_event{};   // posted: run a pass after the current events
-  ngx_event_t scan_event{};   // posted: look at this worker's waiting requests
+  ngx_event_t pass_event{};  // posted: run a pass after the current events
+  ngx_event_t scan_event{};  // posted: look at this worker's waiting requests
   ngx_msec_t last_reclaim = 0;
   bool leader = false;
   ngx_queue_t waiting{};
@@ -309,7 +310,8 @@ void check_lease() noexcept try {
       r.last_reclaim = ngx_current_msec;
       ngx_log_error(NGX_LOG_NOTICE, r.log, 0,
                     "omni_proxy scheduler: worker %P runs the scheduler (%uD entries of exited "
-                    "workers freed)", ngx_pid, freed);
+                    "workers freed)",
+                    ngx_pid, freed);
       run_pass();
     } else if (ngx_current_msec - r.last_reclaim >= kReclaimEvery) {
       r.last_reclaim = ngx_current_msec;
@@ -355,7 +357,8 @@ void wake_leader() noexcept {
   }
 }
 
-// --- Passes ---------------------------------------------------------------------------------------
+// --- Passes
+// ---------------------------------------------------------------------------------------
 
 // Health and load of every backend, from the poller and the configuration.
 void fill_views() {
@@ -384,9 +387,11 @@ void fill_views() {
         const std::uint32_t b = p.base + i;
         if (r.polled.size() < r.views.size()) r.polled.resize(r.views.size(), {0, 0});
         if (r.polled[b].first != load->polled_ns) {
-          r.polled[b] = {load->polled_ns, r.s->instance_stats(b, now, r.reg->sched.options).decoding};
+          r.polled[b] = {load->polled_ns,
+                         r.s->instance_stats(b, now, r.reg->sched.options).decoding};
         }
-        v.others_running = load->running > r.polled[b].second ? load->running - r.polled[b].second : 0;
+        v.others_running =
+            load->running > r.polled[b].second ? load->running - r.polled[b].second : 0;
       }
       // Polling says the engine is unreachable: failures and no success for 3 intervals.
       if (interval_ns != 0 && ss->poll_failures_total(static_cast<std::uint16_t>(p.base + i)) > 0) {
@@ -412,17 +417,21 @@ void run_pass() noexcept try {
   if (r.pass_timer.timer_set) ngx_del_timer(&r.pass_timer);
   if (res.next_ns != 0) {
     const std::uint64_t after = res.next_ns > now ? res.next_ns - now : 0;
-    const auto ms = static_cast<ngx_msec_t>(std::min<std::uint64_t>(
-        std::max<std::uint64_t>(1, (after + 999'999) / 1'000'000), 60'000));
+    const auto ms = static_cast<ngx_msec_t>(
+        std::min<std::uint64_t>(std::max<std::uint64_t>(1, (after + 999'999) / 1'000'000), 60'000));
     ngx_add_timer(&r.pass_timer, ms);
   }
 } catch (...) {
   log_exception(srt().log, "scheduler pass");
 }
 
-void on_pass_event(ngx_event_t*) noexcept { run_pass(); }
+void on_pass_event(ngx_event_t*) noexcept {
+  run_pass();
+}
 
-void on_scan_event(ngx_event_t*) noexcept { scan_waiting(); }
+void on_scan_event(ngx_event_t*) noexcept {
+  scan_waiting();
+}
 
 void unlink_waiting(SchedRequest& sr) {
   if (!sr.waiting) return;
@@ -436,6 +445,7 @@ void on_backstop(ngx_event_t* ev) noexcept {
   auto* sr = static_cast<SchedRequest*>(ev->data);
   // The decision never came (no scheduling worker, or the entry was lost): the request's own
   // handler sees a free entry and fails it.
+  sr->timed_out = true;
   sched_cancel(*sr);
   if (sr->on_change != nullptr) sr->on_change(sr->data);
 }
@@ -514,8 +524,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
     } else if (name == "length_weight" && parse_ms(text, ms) && ms <= 3'600'000) {
       o.length_weight_ms = ms;
     } else if (name == "release" && (text == "immediate" || text == "boundary")) {
-      o.release = text == "boundary" ? omni::sched::Release::kBoundary
-                                     : omni::sched::Release::kImmediate;
+      o.release =
+          text == "boundary" ? omni::sched::Release::kBoundary : omni::sched::Release::kImmediate;
     } else if (name == "lead" && parse_ms(text, ms) && ms <= 60'000) {
       o.lead_ms = ms;
     } else if (name == "merge" && parse_ms(text, ms) && ms >= 1 && ms <= 1000) {
@@ -548,7 +558,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
           NGX_LOG_EMERG, cf, 0,
           "\"%V\": invalid parameter \"%V\"; use queue=64..%uD, max_queue=N, max_wait=TIME, "
           "decode_max_wait=TIME, wait_weight=X, length_weight=TIME, release=immediate|boundary, "
-          "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, step_target=TIME, tpot_slo=TIME, "
+          "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, step_target=TIME, "
+          "tpot_slo=TIME, "
           "itl=TIME, tie=X, epsilon=X, priority_header=NAME",
           &cmd->name, &value[i], kMaxCapacity);
       return static_cast<char*>(NGX_CONF_ERROR);
@@ -660,6 +671,13 @@ bool sched_finalize(ngx_conf_t* cf, Registry& reg) noexcept try {
     return true;
   }
   if (reg.pools.empty()) return true;  // nothing to schedule: no zone room is taken
+  if (reg.state_config.max_backends > omni::sched::kMaxInstances) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"omni_proxy_scheduler\": omni_proxy locations use %uD servers; the "
+                       "scheduler handles at most %uz",
+                       reg.state_config.max_backends, omni::sched::kMaxInstances);
+    return false;
+  }
   if (reg.pools.size() > omni::sched::kMaxPools) {
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "\"omni_proxy_scheduler\": %uz upstream blocks are used by omni_proxy "
@@ -772,7 +790,8 @@ std::size_t sched_bytes(const Registry& reg) noexcept try {
   return 0;
 }
 
-bool sched_create(void* region, std::size_t bytes, const Registry& reg, ngx_log_t* log) noexcept try {
+bool sched_create(void* region, std::size_t bytes, const Registry& reg, ngx_log_t* log) noexcept
+    try {
   auto s = omni::sched::Scheduler::create(region, bytes, shape_of(reg));
   if (s == nullptr) {
     ngx_log_error(NGX_LOG_EMERG, log, 0, "omni_proxy_scheduler: cannot lay out the queue");
@@ -862,8 +881,8 @@ bool sched_active(const LocConf& lcf) noexcept {
 }
 
 std::int32_t sched_priority(ngx_http_request_t* r, std::optional<std::int64_t> body_priority) {
-  const std::string& name = srt().reg != nullptr ? srt().reg->sched.priority_header
-                                                 : std::string("x-omni-priority");
+  const std::string& name =
+      srt().reg != nullptr ? srt().reg->sched.priority_header : std::string("x-omni-priority");
   ngx_list_part_t* part = &r->headers_in.headers.part;
   auto* h = static_cast<ngx_table_elt_t*>(part->elts);
   for (ngx_uint_t i = 0;; ++i) {
@@ -887,7 +906,8 @@ std::int32_t sched_priority(ngx_http_request_t* r, std::optional<std::int64_t> b
     }
   }
   if (body_priority) {
-    return static_cast<std::int32_t>(std::clamp<std::int64_t>(*body_priority, -1'000'000, 1'000'000));
+    return static_cast<std::int32_t>(
+        std::clamp<std::int64_t>(*body_priority, -1'000'000, 1'000'000));
   }
   return 0;
 }
@@ -910,9 +930,9 @@ SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t
   if (dp != nullptr) kv_cached_by_server(*dp, kv, 1, dc);
   omni::sched::EnqueueRequest req;
   req.owner_pid = ngx_pid;
-  req.mode = aggregated                     ? omni::sched::Mode::kAggregated
-             : lcf.mode == kModeParallel    ? omni::sched::Mode::kParallel
-                                            : omni::sched::Mode::kSequential;
+  req.mode = aggregated                  ? omni::sched::Mode::kAggregated
+             : lcf.mode == kModeParallel ? omni::sched::Mode::kParallel
+                                         : omni::sched::Mode::kSequential;
   req.prefill_pool = pool_index(reg, pp);
   req.decode_pool = dp != nullptr ? pool_index(reg, dp) : omni::sched::kNoPool;
   req.priority = priority;
@@ -926,7 +946,7 @@ SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t
   if (res.verdict != omni::sched::Verdict::kQueued) {
     out.status = res.verdict == omni::sched::Verdict::kQueueFull ? NGX_HTTP_TOO_MANY_REQUESTS
                  : res.verdict == omni::sched::Verdict::kInvalid ? NGX_HTTP_INTERNAL_SERVER_ERROR
-                                                                  : NGX_HTTP_SERVICE_UNAVAILABLE;
+                                                                 : NGX_HTTP_SERVICE_UNAVAILABLE;
     out.retry_after_s = res.retry_after_s;
     out.message = res.message;
     return out;
@@ -965,14 +985,16 @@ void sched_acted(SchedRequest& sr) noexcept {
   const std::uint64_t now = omni::steady_now_ns();
   r.s->observe_decision_latency(now > sr.enqueue_ns ? now - sr.enqueue_ns : 0);
   // From the decision to this worker acting on it: what the notification costs.
-  if (d.released_ns != 0) r.s->observe_notify_latency(now > d.released_ns ? now - d.released_ns : 0);
+  if (d.released_ns != 0)
+    r.s->observe_notify_latency(now > d.released_ns ? now - d.released_ns : 0);
 }
 
-void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> actual_cached) noexcept {
+void sched_prefill_done(SchedRequest& sr, bool ok,
+                        std::optional<std::uint32_t> actual_cached) noexcept {
   SchedRuntime& r = srt();
   if (r.s == nullptr || !sr.active) return;
-  const bool wake = r.s->prefill_done(sr.ref, omni::steady_now_ns(), ok, actual_cached,
-                                      r.reg->sched.options);
+  const bool wake =
+      r.s->prefill_done(sr.ref, omni::steady_now_ns(), ok, actual_cached, r.reg->sched.options);
   const omni::sched::Decision d = r.s->decision(sr.ref);
   if (!d.valid) sr.active = false;
   if (d.state == omni::sched::State::kDecodeQueued) {
@@ -1020,16 +1042,21 @@ nlohmann::json histogram_json(const omni::Log2Histogram& h) {
 void histogram_metric(omni::prom::TextWriter& w, const char* name, const char* help,
                       const omni::Log2Histogram& h) {
   w.family(name, "histogram", help);
+  // Powers of two as `le` bounds (the sub-buckets of each are summed): 35 lines, not 133.
   std::vector<double> bounds;
   std::vector<std::uint64_t> counts;
-  std::uint64_t overflow = 0;
+  std::uint64_t overflow = 0, acc = 0;
   for (std::size_t k = 0; k < omni::Log2Histogram::kBuckets; ++k) {
     const std::uint64_t c = h.buckets[k].load(std::memory_order_relaxed);
-    if (k + 1 < omni::Log2Histogram::kBuckets) {
-      bounds.push_back(static_cast<double>(omni::Log2Histogram::upper_ns(k) + 1) / 1e9);
-      counts.push_back(c);
-    } else {
+    if (k + 1 == omni::Log2Histogram::kBuckets) {
       overflow = c;
+      break;
+    }
+    acc += c;
+    if (k < 4 || k % omni::Log2Histogram::kSub == 3) {
+      bounds.push_back(static_cast<double>(omni::Log2Histogram::upper_ns(k) + 1) / 1e9);
+      counts.push_back(acc);
+      acc = 0;
     }
   }
   w.histogram(name, {}, bounds, counts, overflow,
@@ -1131,28 +1158,26 @@ void sched_render_metrics(omni::prom::TextWriter& w) {
   w.family("omni_proxy_sched_capacity", "gauge", "Scheduler entries in the zone (queue=).");
   w.sample("omni_proxy_sched_capacity", {}, st.capacity);
   w.family("omni_proxy_sched_events_total", "counter", "Scheduler events, by kind.");
-  const std::pair<const char*, std::uint64_t> events[] = {
-      {"enqueued", st.enqueued},
-      {"released", st.released},
-      {"decode_released", st.decode_released},
-      {"starved", st.starved},
-      {"held", st.held},
-      {"cancelled", st.cancelled},
-      {"completed", st.completed},
-      {"reclaimed", st.reclaimed},
-      {"repairs", st.repairs},
-      {"passes", st.passes},
-      {"leader_changes", st.leader_changes}};
+  const std::pair<const char*, std::uint64_t> events[] = {{"enqueued", st.enqueued},
+                                                          {"released", st.released},
+                                                          {"decode_released", st.decode_released},
+                                                          {"starved", st.starved},
+                                                          {"held", st.held},
+                                                          {"cancelled", st.cancelled},
+                                                          {"completed", st.completed},
+                                                          {"reclaimed", st.reclaimed},
+                                                          {"repairs", st.repairs},
+                                                          {"passes", st.passes},
+                                                          {"leader_changes", st.leader_changes}};
   for (const auto& [kind, v] : events) {
     w.sample("omni_proxy_sched_events_total", {{"event", kind}}, static_cast<double>(v));
   }
   w.family("omni_proxy_sched_refused_total", "counter",
            "Requests the scheduler refused, by reason (429 queue_full; 503 otherwise).");
-  const std::pair<const char*, std::uint64_t> refused[] = {
-      {"queue_full", st.refused_full},
-      {"deadline", st.refused_deadline},
-      {"unavailable", st.refused_unavailable},
-      {"decode_wait", st.refused_decode_wait}};
+  const std::pair<const char*, std::uint64_t> refused[] = {{"queue_full", st.refused_full},
+                                                           {"deadline", st.refused_deadline},
+                                                           {"unavailable", st.refused_unavailable},
+                                                           {"decode_wait", st.refused_decode_wait}};
   for (const auto& [reason, v] : refused) {
     w.sample("omni_proxy_sched_refused_total", {{"reason", reason}}, static_cast<double>(v));
   }
@@ -1176,8 +1201,8 @@ void sched_render_metrics(omni::prom::TextWriter& w) {
   histogram_metric(w, "omni_proxy_sched_notify_latency_seconds",
                    "From the scheduler's decision to the owning worker acting on it.",
                    r.s->notify_latency());
-  histogram_metric(w, "omni_proxy_sched_queue_wait_seconds",
-                   "From enqueue to the prefill release.", r.s->queue_wait());
+  histogram_metric(w, "omni_proxy_sched_queue_wait_seconds", "From enqueue to the prefill release.",
+                   r.s->queue_wait());
   histogram_metric(w, "omni_proxy_sched_decode_wait_seconds",
                    "From the end of the prefill to the decode release (sequential).",
                    r.s->decode_wait());
@@ -1216,12 +1241,10 @@ void sched_render_metrics(omni::prom::TextWriter& w) {
   family("omni_proxy_sched_cycle_ms", "gauge", "Observed step duration (moving average), ms.",
          [](const IS& s) { return s.cycle_ms; });
   family("omni_proxy_sched_step_boundaries_total", "counter",
-         "Step ends observed from prefill completions.",
-         [](const IS& s) { return s.boundaries; });
+         "Step ends observed from prefill completions.", [](const IS& s) { return s.boundaries; });
   family("omni_proxy_sched_decoding", "gauge", "Decodes the scheduler released to the server.",
          [](const IS& s) { return s.decoding; });
-  family("omni_proxy_sched_itl_ms", "gauge",
-         "Fitted inter-token latency at an empty batch, ms.",
+  family("omni_proxy_sched_itl_ms", "gauge", "Fitted inter-token latency at an empty batch, ms.",
          [](const IS& s) { return s.itl_ms; });
 }
 

@@ -19,12 +19,6 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-std::size_t bucket_of(std::uint64_t ns) noexcept {
-  if (ns == 0) return 0;
-  const auto k = static_cast<std::size_t>(63 - __builtin_clzll(ns));
-  return k < Log2Histogram::kBuckets ? k : Log2Histogram::kBuckets - 1;
-}
-
 }  // namespace
 
 std::uint64_t steady_now_ns() noexcept {
@@ -43,9 +37,20 @@ void Log2Histogram::observe(std::uint64_t ns) noexcept {
   }
 }
 
-std::uint64_t Log2Histogram::upper_ns(std::size_t k) noexcept {
-  if (k + 1 >= kBuckets) return UINT64_MAX;
-  return (std::uint64_t{2} << k) - 1;
+std::size_t Log2Histogram::bucket_of(std::uint64_t ns) noexcept {
+  if (ns < 4) return static_cast<std::size_t>(ns);
+  const auto k = static_cast<std::size_t>(63 - __builtin_clzll(ns));  // >= 2
+  const auto sub = static_cast<std::size_t>((ns >> (k - 2)) & 3);
+  const std::size_t b = kSub * (k - 1) + sub;
+  return b < kBuckets ? b : kBuckets - 1;
+}
+
+std::uint64_t Log2Histogram::upper_ns(std::size_t b) noexcept {
+  if (b + 1 >= kBuckets) return UINT64_MAX;
+  if (b < 4) return b;
+  const std::size_t k = b / kSub + 1;
+  const std::uint64_t sub = b % kSub;
+  return ((4 + sub + 1) << (k - 2)) - 1;
 }
 
 std::uint64_t Log2Histogram::quantile_ns(double q) const noexcept {

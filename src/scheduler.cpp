@@ -16,7 +16,7 @@ constexpr std::uint32_t kVersion = 1;
 // A two-parameter recursive least-squares fit y = t0 + t1 x with exponential forgetting. Plain
 // doubles: only touched under the lock.
 struct Rls {
-  double t0, t1;       // parameters
+  double t0, t1;         // parameters
   double p00, p01, p11;  // covariance (symmetric)
   std::uint64_t n;
 };
@@ -33,21 +33,21 @@ struct Instance {
   std::uint32_t batch_tokens_cfg;
   std::uint32_t max_seqs;
   // Accounting, derived from the entries (repair() recomputes it).
-  std::uint32_t outstanding;           // prefills released, not done
-  std::uint32_t decoding;              // decodes released, not done
-  std::uint64_t out_tokens;            // their uncached tokens
-  std::uint64_t since_boundary;        // of which released after the step in progress began
+  std::uint32_t outstanding;     // prefills released, not done
+  std::uint32_t decoding;        // decodes released, not done
+  std::uint64_t out_tokens;      // their uncached tokens
+  std::uint64_t since_boundary;  // of which released after the step in progress began
   // The step cycle.
-  std::uint64_t boundary_ns;           // start of the step in progress
-  std::uint64_t cluster_start_ns;      // first completion of the open cluster (0: none open)
-  std::uint64_t cluster_last_ns;       // last completion of the open cluster
-  std::uint64_t cluster_step_start_ns; // start of the step that cluster ended
+  std::uint64_t boundary_ns;            // start of the step in progress
+  std::uint64_t cluster_start_ns;       // first completion of the open cluster (0: none open)
+  std::uint64_t cluster_last_ns;        // last completion of the open cluster
+  std::uint64_t cluster_step_start_ns;  // start of the step that cluster ended
   double cluster_tokens;
   std::uint64_t boundaries;
   std::uint64_t max_step_tokens;
-  double cycle_ms;                     // EWMA of observed step durations
-  Rls step;                            // step_ms = t0 + t1 x ktokens
-  Rls itl;                             // itl_ms = t0 + t1 x running
+  double cycle_ms;  // EWMA of observed step durations
+  Rls step;         // step_ms = t0 + t1 x ktokens
+  Rls itl;          // itl_ms = t0 + t1 x running
   // Statistics.
   std::uint64_t released;
   std::uint64_t decode_released;
@@ -65,7 +65,7 @@ struct Entry {
   std::int32_t owner;
   std::uint64_t ticket;
   std::uint64_t enqueue_ns;
-  std::uint64_t deadline_ns;         // the prefill queue bound
+  std::uint64_t deadline_ns;  // the prefill queue bound
   std::uint64_t released_ns;
   std::uint64_t decode_enqueue_ns;
   std::uint64_t decode_released_ns;
@@ -75,10 +75,10 @@ struct Entry {
   double runner_up_ms;
   std::int32_t priority;
   std::uint32_t prompt_tokens;
-  std::uint32_t min_uncached;        // prompt - most cached anywhere (admission, order)
-  std::uint32_t acct_tokens;         // uncached tokens accounted at the prefill server
-  std::uint32_t cached_at;           // predicted cached tokens at the chosen prefill server
-  std::uint32_t decode_load;         // the decode server's load at release (ITL fit)
+  std::uint32_t min_uncached;  // prompt - most cached anywhere (admission, order)
+  std::uint32_t acct_tokens;   // uncached tokens accounted at the prefill server
+  std::uint32_t cached_at;     // predicted cached tokens at the chosen prefill server
+  std::uint32_t decode_load;   // the decode server's load at release (ITL fit)
   std::uint16_t ppool;
   std::uint16_t dpool;
   std::int16_t pserver;
@@ -87,7 +87,7 @@ struct Entry {
   std::uint8_t mode;
   std::uint8_t flags;
   std::uint8_t reason;
-  std::uint8_t refusal;              // kRefused: 1 = decode wait, 2 = no server
+  std::uint8_t refusal;  // kRefused: 1 = decode wait, 2 = no server
 };
 
 struct Header {
@@ -114,8 +114,8 @@ struct Header {
   std::uint64_t last_reclaim_ns;
   // Counters (atomics: read without the lock).
   std::atomic<std::uint64_t> enqueued, released, decode_released, starved, held, refused_full,
-      refused_deadline, refused_unavailable, refused_decode_wait, cancelled, completed,
-      reclaimed, repairs, passes;
+      refused_deadline, refused_unavailable, refused_decode_wait, cancelled, completed, reclaimed,
+      repairs, passes;
   Log2Histogram decision_latency;
   Log2Histogram notify_latency;
   Log2Histogram queue_wait;
@@ -131,7 +131,9 @@ using detail::Rls;
 
 namespace {
 
-std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
+std::size_t align64(std::size_t n) {
+  return (n + 63) & ~std::size_t{63};
+}
 
 struct Layout {
   std::size_t pools, inst, entries, cached, order, fifo, dqueue, free, total;
@@ -172,7 +174,9 @@ bool shape_ok(const Shape& s) {
   return true;
 }
 
-double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
+double finite_or(double v, double fallback) {
+  return std::isfinite(v) ? v : fallback;
+}
 
 void rls_init(Rls& r, double t0, double t1) {
   r.t0 = t0;
@@ -232,7 +236,9 @@ std::uint64_t ms_to_ns(double ms) {
   return static_cast<std::uint64_t>(ms * 1e6);
 }
 
-double ns_to_ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
+double ns_to_ms(std::uint64_t ns) {
+  return static_cast<double>(ns) / 1e6;
+}
 
 std::uint64_t guard_ns(const Options& o) {
   const std::uint64_t g =
@@ -240,7 +246,9 @@ std::uint64_t guard_ns(const Options& o) {
   return g * 1'000'000ULL;
 }
 
-State state_of(const Entry& e) { return static_cast<State>(e.state.load(std::memory_order_acquire)); }
+State state_of(const Entry& e) {
+  return static_cast<State>(e.state.load(std::memory_order_acquire));
+}
 
 }  // namespace
 
@@ -270,8 +278,8 @@ struct Scheduler::Impl {
   Entry& entry(std::uint32_t i) { return s.entries_[i]; }
   Instance& inst(std::uint32_t i) { return s.inst_[i]; }
   std::uint32_t* cached(std::uint32_t i, int which) {
-    return s.cached_ + (static_cast<std::size_t>(i) * 2 + static_cast<std::size_t>(which)) *
-                           kMaxServers;
+    return s.cached_ +
+           (static_cast<std::size_t>(i) * 2 + static_cast<std::size_t>(which)) * kMaxServers;
   }
   const PoolShape& pool(std::uint16_t p) { return s.pools_[p]; }
 
@@ -294,8 +302,8 @@ struct Scheduler::Impl {
     return std::max(0.0, finite_or(in.step.t0, o.default_step_ms));
   }
   static double step_b(const Instance& in, const Options& o) {  // ms per token
-    double per_k = in.step.n == 0 ? o.default_ms_per_ktoken
-                                  : finite_or(in.step.t1, o.default_ms_per_ktoken);
+    double per_k =
+        in.step.n == 0 ? o.default_ms_per_ktoken : finite_or(in.step.t1, o.default_ms_per_ktoken);
     // A fit gone flat or negative (few samples of similar size) must not make work free.
     per_k = std::max(per_k, 1e-3);
     return per_k / 1000.0;
@@ -324,7 +332,8 @@ struct Scheduler::Impl {
     if (in.outstanding == 0) return n;
     n.busy = true;
     const std::uint64_t B = batch_tokens(in, o);
-    const std::uint64_t before = in.out_tokens > in.since_boundary ? in.out_tokens - in.since_boundary : 0;
+    const std::uint64_t before =
+        in.out_tokens > in.since_boundary ? in.out_tokens - in.since_boundary : 0;
     n.step_tokens = std::min(B, before);
     n.pending = in.out_tokens - n.step_tokens;
     n.end_ns = in.boundary_ns + ms_to_ns(step_ms(in, static_cast<double>(n.step_tokens), o));
@@ -350,8 +359,8 @@ struct Scheduler::Impl {
       const double tokens = std::max(0.0, in.cluster_tokens);
       fit_step(in.step, tokens / 1000.0, ms, o);
       in.cycle_ms = in.cycle_ms == 0 ? ms : 0.8 * in.cycle_ms + 0.2 * ms;
-      in.max_step_tokens = std::max<std::uint64_t>(in.max_step_tokens,
-                                                    static_cast<std::uint64_t>(tokens));
+      in.max_step_tokens =
+          std::max<std::uint64_t>(in.max_step_tokens, static_cast<std::uint64_t>(tokens));
     }
     in.cluster_start_ns = 0;
     in.cluster_last_ns = 0;
@@ -442,7 +451,8 @@ struct Scheduler::Impl {
     const Entry& x = entry(a);
     const Entry& y = entry(b);
     if (x.priority != y.priority) return x.priority < y.priority;
-    if (x.decode_enqueue_ns != y.decode_enqueue_ns) return x.decode_enqueue_ns < y.decode_enqueue_ns;
+    if (x.decode_enqueue_ns != y.decode_enqueue_ns)
+      return x.decode_enqueue_ns < y.decode_enqueue_ns;
     return x.ticket < y.ticket;
   }
   static void insert_at(std::uint32_t* arr, std::uint32_t& n, std::uint32_t pos, std::uint32_t v) {
@@ -623,8 +633,7 @@ struct Scheduler::Impl {
     }
     if (n_room == 0) return Outcome::kWait;
     // The best instance overall is full, and worth waiting for.
-    if (!force && best_all < best_room &&
-        best_room > best_all + o.route.tie_fraction * best_all) {
+    if (!force && best_all < best_room && best_room > best_all + o.route.tie_fraction * best_all) {
       return Outcome::kWait;
     }
     // The ring key was chosen at enqueue (the prefix past what every server holds): a single
@@ -639,8 +648,8 @@ struct Scheduler::Impl {
     Instance& in = inst(b);
     const Now& st = pn[e.ppool].now[j];
     // Boundary mode: hold it until the step in progress is about to end.
-    if (!force && o.release == Release::kBoundary && st.busy &&
-        in.step.n >= o.min_cycle_samples && st.remaining_ms > o.lead_ms) {
+    if (!force && o.release == Release::kBoundary && st.busy && in.step.n >= o.min_cycle_samples &&
+        st.remaining_ms > o.lead_ms) {
       const std::uint64_t at = st.end_ns - ms_to_ns(o.lead_ms);
       if (next_ns == 0 || at < next_ns) next_ns = at;
       if (!(e.flags & detail::kHeld)) {
@@ -680,7 +689,8 @@ struct Scheduler::Impl {
     for (std::size_t p = 0; p < s.pools_.size(); ++p) {
       const PoolShape& ps = s.pools_[p];
       pn[p].now.resize(ps.count);
-      for (std::uint16_t j = 0; j < ps.count; ++j) pn[p].now[j] = state_now(inst(ps.base + j), now, o);
+      for (std::uint16_t j = 0; j < ps.count; ++j)
+        pn[p].now[j] = state_now(inst(ps.base + j), now, o);
     }
     return pn;
   }
@@ -791,8 +801,7 @@ bool Scheduler::bind(void* region, std::size_t bytes) {
 }
 
 std::unique_ptr<Scheduler> Scheduler::create(void* region, std::size_t bytes, const Shape& shape) {
-  if (!shape_ok(shape) || region == nullptr ||
-      reinterpret_cast<std::uintptr_t>(region) % 8 != 0) {
+  if (!shape_ok(shape) || region == nullptr || reinterpret_cast<std::uintptr_t>(region) % 8 != 0) {
     return nullptr;
   }
   const Layout l = layout_for(shape.capacity, shape.instances, shape.pools.size());
@@ -854,9 +863,15 @@ std::unique_ptr<Scheduler> Scheduler::attach(void* region, std::size_t bytes) {
   return s;
 }
 
-std::uint32_t Scheduler::capacity() const noexcept { return hdr_->capacity; }
-std::uint32_t Scheduler::instances() const noexcept { return hdr_->instances; }
-std::size_t Scheduler::pools() const noexcept { return pools_.size(); }
+std::uint32_t Scheduler::capacity() const noexcept {
+  return hdr_->capacity;
+}
+std::uint32_t Scheduler::instances() const noexcept {
+  return hdr_->instances;
+}
+std::size_t Scheduler::pools() const noexcept {
+  return pools_.size();
+}
 
 void Scheduler::set_limits(std::uint32_t instance, const InstanceLimits& limits) noexcept {
   if (instance >= hdr_->instances) return;
@@ -874,8 +889,7 @@ EnqueueResult Scheduler::enqueue(const EnqueueRequest& req, std::uint64_t now_ns
                                  const Options& opt, std::span<const InstanceView> views) {
   EnqueueResult out;
   const bool needs_decode = req.mode != Mode::kAggregated;
-  if (req.prefill_pool >= pools_.size() ||
-      (needs_decode && req.decode_pool >= pools_.size())) {
+  if (req.prefill_pool >= pools_.size() || (needs_decode && req.decode_pool >= pools_.size())) {
     out.verdict = Verdict::kInvalid;
     out.message = "the scheduler does not know this location's upstream blocks";
     return out;
@@ -900,12 +914,15 @@ EnqueueResult Scheduler::enqueue(const EnqueueRequest& req, std::uint64_t now_ns
     hdr_->refused_full.fetch_add(1, std::memory_order_relaxed);
     // A place opens when the soonest step ends.
     bool any = false;
-    const double wait = im.expected_wait_ms(req.prefill_pool, prio, key, uncached, now_ns, opt,
-                                            views, any);
+    const double wait =
+        im.expected_wait_ms(req.prefill_pool, prio, key, uncached, now_ns, opt, views, any);
     out.retry_after_s = static_cast<std::uint32_t>(
         std::clamp(std::ceil((std::isfinite(wait) ? wait : 1000.0) / 1000.0 / 4), 1.0, 60.0));
-    out.message = "the scheduler's queue is full (" + std::to_string(hdr_->n_order) +
-                  " requests waiting); try again later";
+    out.message = hdr_->n_free == 0
+                      ? "the scheduler's queue is full (all " + std::to_string(hdr_->capacity) +
+                            " entries are in use); try again later"
+                      : "the scheduler's queue is full (" + std::to_string(hdr_->n_order) +
+                            " requests waiting); try again later";
     return out;
   }
   bool any_healthy = false;
@@ -925,7 +942,8 @@ EnqueueResult Scheduler::enqueue(const EnqueueRequest& req, std::uint64_t now_ns
     out.verdict = Verdict::kDeadline;
     out.retry_after_s = static_cast<std::uint32_t>(
         std::clamp(std::ceil((wait - static_cast<double>(bound_ms)) / 1000.0), 1.0, 3600.0));
-    out.message = "the scheduler expects a wait of " + std::to_string(static_cast<long long>(wait)) +
+    out.message = "the scheduler expects a wait of " +
+                  std::to_string(static_cast<long long>(wait)) +
                   " ms before this request could start, over its bound of " +
                   std::to_string(bound_ms) + " ms; try again later";
     hdr_->refused_deadline.fetch_add(1, std::memory_order_relaxed);
@@ -963,8 +981,8 @@ EnqueueResult Scheduler::enqueue(const EnqueueRequest& req, std::uint64_t now_ns
   std::uint32_t* dc = im.cached(idx, 1);
   std::fill(pc, pc + kMaxServers, 0u);
   std::fill(dc, dc + kMaxServers, 0u);
-  std::copy_n(req.prefill_cached.begin(), std::min<std::size_t>(req.prefill_cached.size(), pp.count),
-              pc);
+  std::copy_n(req.prefill_cached.begin(),
+              std::min<std::size_t>(req.prefill_cached.size(), pp.count), pc);
   if (needs_decode) {
     const PoolShape& dp = pools_[req.decode_pool];
     std::copy_n(req.decode_cached.begin(),
@@ -1188,8 +1206,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
     const PoolShape& pp = pools_[entries_[idx].ppool];
     for (std::uint16_t j = 0; j < pp.count && !any_room; ++j) {
       const Impl::Now& st = pn[entries_[idx].ppool].now[j];
-      any_room = st.pending == 0 ||
-                 st.pending < im.release_budget(inst_[pp.base + j], opt);
+      any_room = st.pending == 0 || st.pending < im.release_budget(inst_[pp.base + j], opt);
     }
     if (!any_room && pools_.size() == 1) break;
   }
@@ -1204,8 +1221,8 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
     Entry& e = entries_[idx];
     ++examined;
     const std::uint64_t pb = e.pserver >= 0 ? im.backend_of(e.ppool, e.pserver) : 0;
-    const auto pick = im.pick_decode(e, idx, im.pairing_mask(opt, static_cast<std::uint32_t>(pb), e.dpool),
-                                     opt, views);
+    const auto pick = im.pick_decode(
+        e, idx, im.pairing_mask(opt, static_cast<std::uint32_t>(pb), e.dpool), opt, views);
     if (pick.server >= 0) {
       im.pop_decode(idx);
       e.dserver = static_cast<std::int16_t>(pick.server);
@@ -1337,7 +1354,8 @@ std::uint32_t Scheduler::repair() {
   for (std::uint32_t i = hdr_->capacity; i-- > 0;) {
     if (state_of(entries_[i]) == State::kFree) free_[hdr_->n_free++] = i;
   }
-  std::sort(queued.begin(), queued.end(), [&](std::uint32_t a, std::uint32_t b) { return im.before(a, b); });
+  std::sort(queued.begin(), queued.end(),
+            [&](std::uint32_t a, std::uint32_t b) { return im.before(a, b); });
   std::copy(queued.begin(), queued.end(), order_);
   hdr_->n_order = static_cast<std::uint32_t>(queued.size());
   std::sort(queued.begin(), queued.end(), [&](std::uint32_t a, std::uint32_t b) {
@@ -1427,11 +1445,21 @@ InstanceStats Scheduler::instance_stats(std::uint32_t instance, std::uint64_t no
   return out;
 }
 
-const Log2Histogram& Scheduler::decision_latency() const noexcept { return hdr_->decision_latency; }
-const Log2Histogram& Scheduler::notify_latency() const noexcept { return hdr_->notify_latency; }
-const Log2Histogram& Scheduler::queue_wait() const noexcept { return hdr_->queue_wait; }
-const Log2Histogram& Scheduler::decode_wait() const noexcept { return hdr_->decode_wait; }
-const RobustLockWord& Scheduler::lock_word() const noexcept { return hdr_->lock; }
+const Log2Histogram& Scheduler::decision_latency() const noexcept {
+  return hdr_->decision_latency;
+}
+const Log2Histogram& Scheduler::notify_latency() const noexcept {
+  return hdr_->notify_latency;
+}
+const Log2Histogram& Scheduler::queue_wait() const noexcept {
+  return hdr_->queue_wait;
+}
+const Log2Histogram& Scheduler::decode_wait() const noexcept {
+  return hdr_->decode_wait;
+}
+const RobustLockWord& Scheduler::lock_word() const noexcept {
+  return hdr_->lock;
+}
 
 std::vector<Ref> Scheduler::entries_of(std::int32_t pid) const {
   std::vector<Ref> out;

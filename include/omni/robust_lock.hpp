@@ -19,21 +19,26 @@
 
 namespace omni {
 
-// Counts of values in [2^k, 2^(k+1)) nanoseconds for k = 0 .. kBuckets - 2, and everything from
-// 2^(kBuckets-1) ns (about 2.1 s) up in the last bucket. Lock-free; a process killed during
-// observe() loses at most that observation.
+// A histogram of nanosecond durations with four linear sub-buckets per power of two (every
+// bucket is at most 25% wide: quantiles within 25%): values 0..3 have a bucket each, then
+// [2^k, 2^(k+1)) is split in four for k = 2 .. 33, and everything from 2^34 ns (about 17 s) up
+// is in the last bucket. Lock-free; a process killed during observe() loses at most that
+// observation.
 struct Log2Histogram {
-  static constexpr std::size_t kBuckets = 32;
+  static constexpr std::size_t kSub = 4;
+  static constexpr std::size_t kBuckets = 4 + kSub * 32 + 1;
   std::atomic<std::uint64_t> buckets[kBuckets];
   std::atomic<std::uint64_t> count;
   std::atomic<std::uint64_t> sum_ns;
   std::atomic<std::uint64_t> max_ns;
 
   void observe(std::uint64_t ns) noexcept;
-  // Upper bound (inclusive) of bucket k in nanoseconds: 2^(k+1) - 1; the last bucket: UINT64_MAX.
+  static std::size_t bucket_of(std::uint64_t ns) noexcept;
+  // Upper bound (inclusive) of bucket k in nanoseconds; the last bucket: UINT64_MAX.
   static std::uint64_t upper_ns(std::size_t k) noexcept;
   // The value under which a fraction q (0..1) of the observations fall, as a bucket's upper
-  // bound (an overestimate by at most 2x); 0 with no observations.
+  // bound (an overestimate by at most 25%, and never above the largest value seen); 0 with no
+  // observations.
   std::uint64_t quantile_ns(double q) const noexcept;
   void reset() noexcept;
 };

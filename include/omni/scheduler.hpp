@@ -43,9 +43,10 @@
 // full get nothing more: requests wait in the proxy, where they can still go to whichever
 // instance frees up first. With step_target, the room of a next batch is the smaller of B and
 // the tokens a step of step_target ms computes: shorter steps, so that the requests of one batch
-// all meet their TTFT budget, at the cost of one step overhead (a) more often. In `boundary` release mode a request chosen for a busy instance whose
-// cycle is learned is held until `lead` before the step's expected end, so that it arrives in
-// time for the next batch and a later, more urgent request can still take its place.
+// all meet their TTFT budget, at the cost of one step overhead (a) more often. In `boundary`
+// release mode a request chosen for a busy instance whose cycle is learned is held until `lead`
+// before the step's expected end, so that it arrives in time for the next batch and a later, more
+// urgent request can still take its place.
 //
 // Decode. A decode instance is eligible while its running requests (the proxy's own decodes
 // there plus those the engine last reported running for others) are below `max_seqs` and its KV
@@ -55,7 +56,8 @@
 // Instances that stay within the TPOT SLO are preferred; among them the one whose own prefix
 // cache holds most of the prompt, then the least loaded. When no instance is eligible, the
 // request waits (stage waiting_decode). In parallel mode P and D are chosen together: D among
-// the decode servers the prefill server may pair with (pairing masks).
+// the decode servers the prefill server may pair with (pairing masks); in sequential mode the
+// decode server is chosen after the prefill, among the servers its prefill server pairs with.
 //
 // Crash consistency. Entries are the truth; the sorted queue, the free stack and every
 // per-instance sum are derived from them and rebuilt by repair() when the lock is taken over
@@ -86,11 +88,11 @@
 
 namespace omni::sched {
 
-inline constexpr std::size_t kMaxServers = 64;     // per pool (the pairing masks are 64-bit)
+inline constexpr std::size_t kMaxServers = 64;  // per pool (the pairing masks are 64-bit)
 inline constexpr std::size_t kMaxPools = 32;
 inline constexpr std::size_t kMaxInstances = 1024;  // backends over all pools
 inline constexpr std::uint32_t kMaxCapacity = 1u << 20;
-inline constexpr std::size_t kMaxScan = 256;       // queued entries examined per pass
+inline constexpr std::size_t kMaxScan = 256;  // queued entries examined per pass
 inline constexpr std::uint16_t kNoPool = 0xFFFF;
 
 // How a request runs, which decides what the scheduler chooses for it.
@@ -108,8 +110,8 @@ struct PoolShape {
 };
 
 struct Shape {
-  std::uint32_t capacity = 4096;     // entries
-  std::uint32_t instances = 0;       // backends (all pools' servers)
+  std::uint32_t capacity = 4096;  // entries
+  std::uint32_t instances = 0;    // backends (all pools' servers)
   std::vector<PoolShape> pools;
 };
 
@@ -121,7 +123,7 @@ struct InstanceLimits {
 
 // What the caller knows of an instance at pass time (from the engine poller and nginx).
 struct InstanceView {
-  bool healthy = true;   // false: never chosen (down, failing, not polled successfully)
+  bool healthy = true;               // false: never chosen (down, failing, not polled successfully)
   std::uint32_t engine_running = 0;  // the engine's reported running requests (0: unknown)
   std::uint32_t engine_waiting = 0;
   // Decode: requests the engine runs for others (other proxies): its reported running requests
@@ -138,31 +140,31 @@ enum class Release : std::uint8_t {
 
 struct Options {
   // Queue order.
-  double wait_weight = 1.0;        // > 0
-  double length_weight_ms = 100;   // ms of arrival time per 1000 uncached tokens, >= 0
+  double wait_weight = 1.0;       // > 0
+  double length_weight_ms = 100;  // ms of arrival time per 1000 uncached tokens, >= 0
   // Hard bound on the prefill queue wait, and the margin before it at which a request is
   // released whatever the budgets (so that it is on its way by max_wait).
   std::uint64_t max_wait_ms = 30000;
-  std::uint64_t guard_ms = 0;      // 0: min(max_wait / 10, 100 ms)
-  std::uint32_t max_queue = 0;     // waiting prefill requests at most; 0: capacity
+  std::uint64_t guard_ms = 0;   // 0: min(max_wait / 10, 100 ms)
+  std::uint32_t max_queue = 0;  // waiting prefill requests at most; 0: capacity
   // Release timing.
   Release release = Release::kImmediate;
-  double lead_ms = 2;              // boundary mode: release this long before a step ends
-  double merge_ms = 2;             // completions this close belong to one step
+  double lead_ms = 2;   // boundary mode: release this long before a step ends
+  double merge_ms = 2;  // completions this close belong to one step
   // Cost model defaults, used until an instance has measurements.
-  double default_step_ms = 10;               // a
-  double default_ms_per_ktoken = 50;         // b x 1000 (20k tokens/s)
+  double default_step_ms = 10;                 // a
+  double default_ms_per_ktoken = 50;           // b x 1000 (20k tokens/s)
   std::uint32_t default_batch_tokens = 16384;  // B when neither configured nor observed
   // The step the proxy aims for: it releases at most the tokens a step of this many ms
   // computes (from the fitted a and b) into an instance's next batch, even when the engine
   // would absorb more (B), so that a full step does not push every request in it past its
   // TTFT budget. 0: the engine's own budget B.
   double step_target_ms = 0;
-  double forgetting = 0.98;                  // of the online fits, 0 < f <= 1
-  std::uint32_t min_cycle_samples = 8;       // boundary mode needs this many steps observed
+  double forgetting = 0.98;             // of the online fits, 0 < f <= 1
+  std::uint32_t min_cycle_samples = 8;  // boundary mode needs this many steps observed
   // Decode.
-  double tpot_slo_ms = 0;          // 0: no SLO
-  double default_itl_ms = 20;      // c before measurements
+  double tpot_slo_ms = 0;                // 0: no SLO
+  double default_itl_ms = 20;            // c before measurements
   double default_itl_ms_per_seq = 0.05;  // d before measurements
   double kv_usage_high = 0.95;
   std::uint64_t decode_max_wait_ms = 30000;  // a request waiting this long for a decode slot
@@ -190,11 +192,11 @@ struct Ref {
 struct EnqueueRequest {
   std::int32_t owner_pid = 0;
   Mode mode = Mode::kSequential;
-  std::uint16_t prefill_pool = 0;        // aggregated: the only pool
-  std::uint16_t decode_pool = kNoPool;   // sequential and parallel
-  std::int32_t priority = 0;             // lower first; clamped to [-1e6, 1e6]
+  std::uint16_t prefill_pool = 0;       // aggregated: the only pool
+  std::uint16_t decode_pool = kNoPool;  // sequential and parallel
+  std::int32_t priority = 0;            // lower first; clamped to [-1e6, 1e6]
   std::uint32_t prompt_tokens = 0;
-  std::uint64_t ring_key = 0;            // the prefix's ring key (kv_routing's cold rule)
+  std::uint64_t ring_key = 0;  // the prefix's ring key (kv_routing's cold rule)
   // Predicted cached tokens per server of the prefill / decode pool (index within the pool);
   // shorter spans mean 0 for the rest.
   std::span<const std::uint32_t> prefill_cached;
@@ -213,79 +215,79 @@ std::string_view to_string(Verdict v) noexcept;
 
 struct EnqueueResult {
   Verdict verdict = Verdict::kQueued;
-  Ref ref;                             // kQueued
-  double expected_wait_ms = 0;         // the admission estimate
-  std::uint32_t retry_after_s = 0;     // refusals
-  std::string message;                 // refusals: why, for the client
-  bool wake_scheduler = false;         // the scheduler should run a pass
+  Ref ref;                          // kQueued
+  double expected_wait_ms = 0;      // the admission estimate
+  std::uint32_t retry_after_s = 0;  // refusals
+  std::string message;              // refusals: why, for the client
+  bool wake_scheduler = false;      // the scheduler should run a pass
 };
 
 // Where an entry is (EntryState), as the owner sees it.
 enum class State : std::uint8_t {
   kFree = 0,
-  kQueued = 1,         // waiting for its prefill (and, in parallel mode, decode) server
-  kPrefill = 2,        // released to its prefill server (parallel: and its decode server)
-  kDecodeQueued = 3,   // sequential: prefill done, waiting for a decode server
-  kDecode = 4,         // decoding (sequential after its decode release; aggregated and
-                       // parallel after the prefill is done)
-  kRefused = 5,        // the scheduler refused it while queued (503): drop it
+  kQueued = 1,        // waiting for its prefill (and, in parallel mode, decode) server
+  kPrefill = 2,       // released to its prefill server (parallel: and its decode server)
+  kDecodeQueued = 3,  // sequential: prefill done, waiting for a decode server
+  kDecode = 4,        // decoding (sequential after its decode release; aggregated and
+                      // parallel after the prefill is done)
+  kRefused = 5,       // the scheduler refused it while queued (503): drop it
 };
 
 struct Decision {
   State state = State::kFree;
-  bool valid = false;           // the ref still names this request
-  std::int32_t prefill_server = -1;   // index within the prefill pool
-  std::int32_t decode_server = -1;    // index within the decode pool
-  bool starved = false;         // released by the starvation bound
-  bool held = false;            // boundary mode held it for a step boundary
-  std::uint8_t reason = 0;      // KvRouteDecision::Reason of the prefill choice
-  std::int32_t runner_up = -1;  // prefill runner-up, index within the pool
-  double expected_ms = 0;       // the chosen prefill server's ETA at release
+  bool valid = false;                // the ref still names this request
+  std::int32_t prefill_server = -1;  // index within the prefill pool
+  std::int32_t decode_server = -1;   // index within the decode pool
+  bool starved = false;              // released by the starvation bound
+  bool held = false;                 // boundary mode held it for a step boundary
+  std::uint8_t reason = 0;           // KvRouteDecision::Reason of the prefill choice
+  std::int32_t runner_up = -1;       // prefill runner-up, index within the pool
+  double expected_ms = 0;            // the chosen prefill server's ETA at release
   double runner_up_ms = 0;
   std::uint32_t cached_tokens = 0;  // predicted, at the chosen prefill server
   std::uint64_t enqueue_ns = 0;
-  std::uint64_t released_ns = 0;    // prefill release
+  std::uint64_t released_ns = 0;  // prefill release
   std::uint64_t decode_released_ns = 0;
   std::uint32_t refusal_status = 0;  // kRefused: 503
 };
 
 struct PassResult {
-  std::uint32_t released = 0;          // prefill releases this pass
+  std::uint32_t released = 0;  // prefill releases this pass
   std::uint32_t decode_released = 0;
   std::uint32_t refused = 0;
   std::uint32_t starved = 0;
   std::uint32_t scanned = 0;
-  std::uint64_t next_ns = 0;           // run again at this time at the latest; 0: on events only
-  std::vector<std::int32_t> wake;      // owners to notify (distinct pids)
-  bool repaired = false;               // derived state was rebuilt first
+  std::uint64_t next_ns = 0;       // run again at this time at the latest; 0: on events only
+  std::vector<std::int32_t> wake;  // owners to notify (distinct pids)
+  bool repaired = false;           // derived state was rebuilt first
 };
 
 // Per-instance figures for the status page and metrics.
 struct InstanceStats {
-  std::uint32_t outstanding = 0;       // prefills released and not done
+  std::uint32_t outstanding = 0;  // prefills released and not done
   std::uint64_t outstanding_tokens = 0;
-  std::uint64_t step_tokens = 0;       // in the step in progress
-  std::uint64_t pending_tokens = 0;    // for the next steps
-  double remaining_ms = 0;             // of the step in progress
-  std::uint32_t batch_tokens = 0;      // B in use
-  double step_ms = 0;                  // a
-  double ms_per_ktoken = 0;            // b x 1000
+  std::uint64_t step_tokens = 0;     // in the step in progress
+  std::uint64_t pending_tokens = 0;  // for the next steps
+  double remaining_ms = 0;           // of the step in progress
+  std::uint32_t batch_tokens = 0;    // B in use
+  double step_ms = 0;                // a
+  double ms_per_ktoken = 0;          // b x 1000
   std::uint64_t step_samples = 0;
-  double cycle_ms = 0;                 // EWMA of observed busy step durations
+  double cycle_ms = 0;  // EWMA of observed busy step durations
   std::uint64_t boundaries = 0;
-  std::uint32_t decoding = 0;          // decodes released and not done (proxy count)
+  std::uint32_t decoding = 0;  // decodes released and not done (proxy count)
   std::uint32_t max_seqs = 0;
-  double itl_ms = 0;                   // c
-  double itl_ms_per_seq = 0;           // d
+  double itl_ms = 0;          // c
+  double itl_ms_per_seq = 0;  // d
   std::uint64_t itl_samples = 0;
-  std::uint64_t released = 0;          // prefill releases to it
+  std::uint64_t released = 0;  // prefill releases to it
   std::uint64_t decode_released = 0;
 };
 
 struct Stats {
   std::uint32_t capacity = 0;
-  std::uint32_t live = 0;              // entries in use
-  std::uint32_t queued = 0;            // waiting prefill
+  std::uint32_t live = 0;    // entries in use
+  std::uint32_t queued = 0;  // waiting prefill
   std::uint32_t decode_queued = 0;
   std::uint64_t enqueued = 0, released = 0, decode_released = 0, starved = 0, held = 0;
   std::uint64_t refused_full = 0, refused_deadline = 0, refused_unavailable = 0,
@@ -379,8 +381,8 @@ class Scheduler {
                                const Options& opt) const;
   const Log2Histogram& decision_latency() const noexcept;
   const Log2Histogram& notify_latency() const noexcept;
-  const Log2Histogram& queue_wait() const noexcept;     // enqueue -> prefill release
-  const Log2Histogram& decode_wait() const noexcept;    // decode enqueue -> decode release
+  const Log2Histogram& queue_wait() const noexcept;   // enqueue -> prefill release
+  const Log2Histogram& decode_wait() const noexcept;  // decode enqueue -> decode release
   const RobustLockWord& lock_word() const noexcept;
   // Entries of `pid` (tests, status).
   std::vector<Ref> entries_of(std::int32_t pid) const;
@@ -401,11 +403,11 @@ class Scheduler {
   detail::Header* hdr_ = nullptr;
   detail::Instance* inst_ = nullptr;
   detail::Entry* entries_ = nullptr;
-  std::uint32_t* cached_ = nullptr;     // [capacity][2][kMaxServers]
-  std::uint32_t* order_ = nullptr;      // queued prefill entries, sorted
-  std::uint32_t* fifo_ = nullptr;       // queued prefill entries, by arrival
-  std::uint32_t* dqueue_ = nullptr;     // queued decode entries, by (priority, decode arrival)
-  std::uint32_t* free_ = nullptr;       // free entry stack
+  std::uint32_t* cached_ = nullptr;  // [capacity][2][kMaxServers]
+  std::uint32_t* order_ = nullptr;   // queued prefill entries, sorted
+  std::uint32_t* fifo_ = nullptr;    // queued prefill entries, by arrival
+  std::uint32_t* dqueue_ = nullptr;  // queued decode entries, by (priority, decode arrival)
+  std::uint32_t* free_ = nullptr;    // free entry stack
   std::vector<PoolShape> pools_;
   std::vector<BoundedLoadRing> rings_;
 };
