@@ -101,23 +101,29 @@ d, rate, seconds, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(
 ports = {"routing": int(sys.argv[5]), "scheduled": int(sys.argv[6])}
 CONNS = 32
 
-def buckets(port, name):
-    text = urllib.request.urlopen("http://127.0.0.1:%d/omni/metrics" % port, timeout=10).read().decode()
-    out = {}
-    for m in re.finditer(r'^%s_bucket\{le="([^"]+)"\} (\S+)$' % name, text, re.M):
-        out[float("inf") if m.group(1) == "+Inf" else float(m.group(1))] = float(m.group(2))
-    return out
+def status(port):
+    return json.loads(urllib.request.urlopen("http://127.0.0.1:%d/omni/status" % port,
+                                             timeout=10).read())
+
+def hist(st, path):
+    """The [upper_ns, count] buckets of a scheduler histogram in a status document."""
+    node = st["scheduler"]
+    for key in path:
+        node = node[key]
+    return {b[0]: b[1] for b in node.get("buckets", [])}
 
 def quantile(before, after, q):
-    """From cumulative le buckets: the smallest bound under which a fraction q fall."""
-    les = sorted(after)
-    total = after[les[-1]] - before.get(les[-1], 0)
+    """The upper bound (us) under which a fraction q of the period's observations fall."""
+    delta = {ub: after[ub] - before.get(ub, 0) for ub in after}
+    total = sum(delta.values())
     if total <= 0:
         return None, 0
-    for le in les:
-        if after[le] - before.get(le, 0) >= q * total:
-            return le, int(total)
-    return float("inf"), int(total)
+    seen = 0
+    for ub in sorted(delta):
+        seen += delta[ub]
+        if seen >= q * total:
+            return ub / 1e3, int(total)
+    return None, int(total)
 
 def h2load(name, secs):
     per_conn = max(1, rate // CONNS)
@@ -140,8 +146,8 @@ def h2load(name, secs):
             "rps": float(rps.group(1)), "mean_us": us(lat.group(3)), "max_us": us(lat.group(2)),
             "p50_us": pct(0.50), "p99_us": pct(0.99)}
 
-HISTS = ["omni_proxy_sched_decision_latency_seconds", "omni_proxy_sched_notify_latency_seconds",
-         "omni_proxy_sched_lock_hold_seconds", "omni_proxy_sched_lock_wait_seconds"]
+HISTS = {"decision_latency": ["decision_latency"], "notify_latency": ["notify_latency"],
+         "lock_hold": ["lock", "hold"], "lock_wait": ["lock", "wait"]}
 
 for name in ports:  # warm-up: connections, keepalive pools, the cost models
     h2load(name, 2)
@@ -150,19 +156,15 @@ print("sched_bench: %d req/s for %d s per run, %d rounds, %d connections, 2 work
 rows = []
 for rnd in range(rounds):
     for name in ("routing", "scheduled"):
-        before = {h: buckets(ports["scheduled"], h) for h in HISTS} if name == "scheduled" else None
-        st0 = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/omni/status" % ports[name]).read())
+        st0 = status(ports[name])
         r = h2load(name, seconds)
         row = {"round": rnd, "system": name, **r}
-        if before is not None:
-            after = {h: buckets(ports["scheduled"], h) for h in HISTS}
-            for h in HISTS:
-                short = h.replace("omni_proxy_sched_", "").replace("_seconds", "")
-                p50, n = quantile(before[h], after[h], 0.50)
-                p99, _ = quantile(before[h], after[h], 0.99)
-                row[short] = {"count": n, "p50_us_at_most": None if p50 is None else p50 * 1e6,
-                              "p99_us_at_most": None if p99 is None else p99 * 1e6}
-            st1 = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/omni/status" % ports[name]).read())
+        if name == "scheduled":
+            st1 = status(ports[name])
+            for short, path in HISTS.items():
+                p50, n = quantile(hist(st0, path), hist(st1, path), 0.50)
+                p99, _ = quantile(hist(st0, path), hist(st1, path), 0.99)
+                row[short] = {"count": n, "p50_us_at_most": p50, "p99_us_at_most": p99}
             s0, s1 = st0["scheduler"], st1["scheduler"]
             row["passes_per_request"] = ((s1["counters"]["passes"] - s0["counters"]["passes"]) /
                                          max(1, s1["counters"]["enqueued"] - s0["counters"]["enqueued"]))
@@ -193,7 +195,7 @@ for short, label in (("decision_latency", "decision latency (enqueue -> owner ac
     p50 = med([r[short]["p50_us_at_most"] for r in sch])
     p99 = med([r[short]["p99_us_at_most"] for r in sch])
     n = med([r[short]["count"] for r in sch])
-    print("| %s p50 / p99, us (at most; log2 buckets) | | %s / %s (n=%s) |" % (label, p50, p99, n))
+    print("| %s p50 / p99, us (bucket bounds, within 25%%) | | %s / %s (n=%s) |" % (label, p50, p99, n))
 print("| scheduler passes per request | | %.2f |" % med([r["passes_per_request"] for r in sch]))
 print("| lock acquisitions per request | | %.2f |" % med([r["lock_acquisitions_per_request"] for r in sch]))
 for key in ("p50_us", "p99_us"):

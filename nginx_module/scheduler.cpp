@@ -1036,6 +1036,13 @@ nlohmann::json histogram_json(const omni::Log2Histogram& h) {
   j["p50_us_at_most"] = static_cast<double>(h.quantile_ns(0.5)) / 1e3;
   j["p99_us_at_most"] = static_cast<double>(h.quantile_ns(0.99)) / 1e3;
   j["max_us"] = static_cast<double>(h.max_ns.load(std::memory_order_relaxed)) / 1e3;
+  // The non-empty buckets, [upper bound in ns, count] (quantiles of a period from two reads).
+  nlohmann::json b = nlohmann::json::array();
+  for (std::size_t k = 0; k < omni::Log2Histogram::kBuckets; ++k) {
+    const std::uint64_t c = h.buckets[k].load(std::memory_order_relaxed);
+    if (c != 0) b.push_back({omni::Log2Histogram::upper_ns(k), c});
+  }
+  j["buckets"] = std::move(b);
   return j;
 }
 
