@@ -297,6 +297,7 @@ ngx_int_t init_process(ngx_cycle_t* cycle) noexcept try {
     omni::ngx::kv_init_process(cycle, base + hdr->kv_index_offset, hdr->kv_index_bytes,
                                base + hdr->kv_shared_offset, hdr->kv_shared_bytes);
   }
+  omni::ngx::notify_init(cycle);  // wake-ups between workers (limit queues, schedulers)
   if (hdr->sched_offset != 0) {
     omni::ngx::sched_init_process(cycle, base + hdr->sched_offset, hdr->sched_bytes,
                                   &hdr->generation);
@@ -320,6 +321,7 @@ void exit_process(ngx_cycle_t*) noexcept {
   omni::ngx::kv_exit_process();
   omni::ngx::sched_exit_process();
   omni::ngx::proxy_exit_process();
+  omni::ngx::notify_exit();
   if (rt.reclaim_timer.timer_set) ngx_del_timer(&rt.reclaim_timer);
   if (rt.zone != nullptr) {
     int32_t me = ngx_pid;

@@ -330,6 +330,21 @@ std::string kv_explain_text(const Pool* pool, const KvExplain& e);
 nlohmann::json kv_status_json();
 void kv_render_metrics(omni::prom::TextWriter& w);
 
+// --- Wake-ups between workers (notify.cpp) ----------------------------------------------------
+// Binds this worker's wake-up socket (init_process, with omni_proxy_zone); false on failure.
+bool notify_init(ngx_cycle_t* cycle) noexcept;
+void notify_exit() noexcept;
+bool notify_ready() noexcept;
+// Called on the event loop on every wake-up of this worker.
+using NotifyHandler = void (*)();
+void notify_subscribe(NotifyHandler handler) noexcept;
+// Wakes the worker `pid` (this worker: a posted event). Best effort.
+void notify_wake(std::int32_t pid) noexcept;
+struct NotifyStats {
+  std::uint64_t sent = 0, failed = 0, received = 0;
+};
+NotifyStats notify_stats() noexcept;
+
 // --- Schedulers (scheduler.cpp) ---------------------------------------------------------------
 // Configuration: omni_proxy_scheduler, omni_proxy_capacity, omni_proxy_pd_group (http level).
 char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept;
@@ -379,9 +394,11 @@ SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t
 omni::sched::Decision sched_decision(const SchedRequest& sr) noexcept;
 // The owner acts on the decision: records the decision latency once.
 void sched_acted(SchedRequest& sr) noexcept;
-// The prefill leg came back (aggregated: the first token). Sequential requests then wait for
-// their decode server (on_change again).
-void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> actual_cached) noexcept;
+// The prefill leg came back (aggregated: the first token) from `server` (index within the
+// prefill pool; -1 unknown). Sequential requests then wait for their decode server (on_change
+// again).
+void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> actual_cached,
+                        std::int32_t server) noexcept;
 void sched_decode_done(SchedRequest& sr, double tpot_ms) noexcept;
 // The request ends or fails: frees its entry (idempotent).
 void sched_cancel(SchedRequest& sr) noexcept;

@@ -137,9 +137,12 @@ Ctx* get_ctx(ngx_http_request_t* r) {
 // Lifecycle and limits
 // ---------------------------------------------------------------------------------------------
 
-// This worker's wait queues, one per limit group, and the timer that retries them (capacity
-// freed by other workers is noticed at the next tick).
-constexpr ngx_msec_t kQueueTick = 20;
+// This worker's wait queues, one per limit group. A worker that frees a place wakes the workers
+// with requests waiting in that group (notify.cpp); the timer is only a safety net for a lost
+// wake-up (and the only way without the wake-up socket).
+constexpr ngx_msec_t kQueueTick = 20;        // without wake-ups
+constexpr ngx_msec_t kQueueSafetyTick = 1000;
+ngx_msec_t queue_tick_ms() { return notify_ready() ? kQueueSafetyTick : kQueueTick; }
 struct WaitQueues {
   std::vector<ngx_queue_t> groups;
   std::size_t waiting = 0;
@@ -185,6 +188,17 @@ void kv_finish(State& st) noexcept {
     }
   }
   kv_prefill_done(st.kv);
+}
+
+// The prefill server that served the request, as an index within its pool (-1: none yet).
+std::int32_t served_prefill(const State& st) noexcept {
+  const Pool* pool = find_pool(st.lcf->mode == kModeAggregated ? st.lcf->decode.upstream
+                                                               : st.lcf->prefill.upstream);
+  if (pool == nullptr || st.prefill_backend < pool->base ||
+      st.prefill_backend >= pool->base + pool->count) {
+    return -1;
+  }
+  return st.prefill_backend - pool->base;
 }
 
 // The request's scheduler entry ends: a decode that ran reports its time per output token (the
@@ -263,10 +277,16 @@ void leave_group(State& st) noexcept {
     ss->leave(ngx_pid, group);
     st.admitted = Admitted::kNone;
     // A place is free: this worker's next waiter takes it, from the event loop (not from
-    // inside this request's log phase or pool cleanup).
+    // inside this request's log phase or pool cleanup), or another worker's.
     WaitQueues& q = wait_queues();
     if (q.waiting > 0 && q.kick.handler != nullptr && !q.kick.posted) {
       ngx_post_event(&q.kick, &ngx_posted_events);
+    }
+    try {
+      for (std::int32_t pid : ss->owners_queued(group)) {
+        if (pid != ngx_pid) notify_wake(pid);
+      }
+    } catch (...) {
     }
     return;
   }
@@ -769,7 +789,9 @@ ngx_int_t prefill_done(ngx_http_request_t* sr, void* data, ngx_int_t rc) noexcep
   }
   if (state->lcf->mode == kModeParallel) {
     kv_prefill_done(state->kv);  // its tokens no longer queue on the prefill server
-    if (state->scheduled) sched_prefill_done(state->sched, prefill_ok(*state), std::nullopt);
+    if (state->scheduled) {
+      sched_prefill_done(state->sched, prefill_ok(*state), std::nullopt, served_prefill(*state));
+    }
     // The prefill's answer is drained; a failed prefill cancels the decode that waits on it.
     if (!prefill_ok(*state) && !state->decode_done) {
       try {
@@ -803,7 +825,9 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   if (ctx == nullptr || !ctx->state->prefill_done) return;
   r->write_event_handler = ngx_http_request_empty_handler;
   State& st = *ctx->state;
-  if (!prefill_ok(st) && st.scheduled) sched_prefill_done(st.sched, false, std::nullopt);
+  if (!prefill_ok(st) && st.scheduled) {
+    sched_prefill_done(st.sched, false, std::nullopt, served_prefill(st));
+  }
   if (!prefill_ok(st)) {
     // A client error the engine reported stays a client error.
     const ngx_uint_t status = st.prefill_status >= 400 && st.prefill_status < 500
@@ -827,7 +851,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   }
   auto kv = omni::extract_kv_transfer_params(st.prefill_response);
   if (!kv.ok()) {
-    if (st.scheduled) sched_prefill_done(st.sched, false, std::nullopt);
+    if (st.scheduled) sched_prefill_done(st.sched, false, std::nullopt, served_prefill(st));
     ngx_http_finalize_request(
         r, send_error(r, NGX_HTTP_BAD_GATEWAY, "the prefill leg answered: " + kv.error().message));
     return;
@@ -837,7 +861,7 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   st.decode_body = omni::vllm_decode_body(*st.parsed, kv->has_value() ? &**kv : nullptr);
   if (st.scheduled) {
     // The decode scheduler picks the decode server when one has a slot.
-    sched_prefill_done(st.sched, true, actual_cached);
+    sched_prefill_done(st.sched, true, actual_cached, served_prefill(st));
     if (sched_decision(st.sched).state == omni::sched::State::kDecodeQueued) {
       r->read_event_handler = ngx_http_test_reading;  // a client that leaves is noticed
       return;
@@ -1060,10 +1084,16 @@ void sched_changed(void* data) noexcept {
 // Wait queues
 // ---------------------------------------------------------------------------------------------
 
+// A wake-up from another worker: a place may be free in any group.
+void dispatch_all_groups() noexcept {
+  WaitQueues& q = wait_queues();
+  for (std::size_t g = 0; g < q.groups.size(); ++g) dispatch_group(g);
+}
+
 void queue_tick(ngx_event_t*) noexcept {
   WaitQueues& q = wait_queues();
   for (std::size_t g = 0; g < q.groups.size(); ++g) dispatch_group(g);
-  if (q.waiting > 0 && !q.tick.timer_set) ngx_add_timer(&q.tick, kQueueTick);
+  if (q.waiting > 0 && !q.tick.timer_set) ngx_add_timer(&q.tick, queue_tick_ms());
 }
 
 // Moves this worker's waiters of `group` into free in-flight places, oldest first.
@@ -1161,7 +1191,8 @@ void admit(ngx_http_request_t* r, State& st) {
     q.tick.log = ngx_cycle->log;
     q.tick.data = &q;
     q.tick.cancelable = 1;
-    ngx_add_timer(&q.tick, kQueueTick);
+    ngx_add_timer(&q.tick, queue_tick_ms());
+    notify_subscribe(dispatch_all_groups);
   }
   // A client that hangs up while waiting is noticed, and its request finalized (499).
   r->read_event_handler = ngx_http_test_reading;
@@ -1510,7 +1541,10 @@ void observe_body(State& st, ngx_chain_t* in) noexcept {
     // Aggregated: the first bytes of the answer end the prefill, for the scheduler.
     if (st.scheduled && !st.sched_first_token && st.lcf->mode == kModeAggregated) {
       st.sched_first_token = true;
-      sched_prefill_done(st.sched, true, std::nullopt);
+      // A whole (non-streamed) answer comes at the end of the generation: its time says
+      // nothing of the prefill step, so it does not feed the step model.
+      const bool stream = st.parsed && st.parsed->features.stream;
+      sched_prefill_done(st.sched, true, std::nullopt, stream ? served_prefill(st) : -1);
     }
     // TTFT and TPOT describe streams: a whole answer arrives at once.
     if (st.first_token_ns == 0 && st.parsed && st.parsed->features.stream) {

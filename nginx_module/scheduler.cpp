@@ -8,12 +8,9 @@
 //    stopped beating for 500 ms, is replaced). The new holder reclaims the dead worker's entries
 //    and runs a pass at once. After a reload that keeps the zone, the old cycle's holder hands
 //    the lease over (the zone's generation tells it a newer cycle runs);
-//  - notifications without polling: every worker binds an abstract unix datagram socket named
-//    after its pid ("\0omni-proxy/w/<pid>") and registers it in its event loop. An owner that
-//    enqueues (or frees a server) sends one byte to the scheduling worker; the scheduling worker
-//    sends one byte to each owner whose requests it decided. Datagrams coalesce: a wake-up drains
-//    them all and acts once. The names need no descriptor made before fork, so workers of an old
-//    and a new cycle (a reload) reach each other, and a respawned worker is reachable at once;
+//  - notifications without polling (notify.cpp): an owner that enqueues (or frees a server)
+//    wakes the scheduling worker; the scheduling worker wakes each owner whose requests it
+//    decided;
 //  - the request side: enqueue with admission control, learning the decision, reporting the
 //    legs' ends (proxy_handler.cpp calls these).
 #include "omni_module.hpp"
@@ -21,9 +18,7 @@
 #include <omni/lifecycle.hpp>
 #include <omni/robust_lock.hpp>
 
-#include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -51,14 +46,11 @@ struct SchedRuntime {
   ngx_log_t* log = nullptr;
   const std::uint64_t* generation = nullptr;
   std::uint64_t my_generation = 0;
-  // Notifications.
-  ngx_connection_t* sock = nullptr;
   ngx_connection_t* pidfd = nullptr;
   std::int32_t watched = 0;
   ngx_event_t lease_timer{};
   ngx_event_t pass_timer{};
   ngx_event_t pass_event{};  // posted: run a pass after the current events
-  ngx_event_t scan_event{};  // posted: look at this worker's waiting requests
   ngx_msec_t last_reclaim = 0;
   bool leader = false;
   ngx_queue_t waiting{};
@@ -67,7 +59,6 @@ struct SchedRuntime {
   // Per backend: the poll last seen, and this proxy's decodes there at that moment (what the
   // engine's running count includes of ours).
   std::vector<std::pair<std::uint64_t, std::uint32_t>> polled;
-  std::uint64_t wakes_sent = 0, wakes_failed = 0, wakes_received = 0;
 };
 
 SchedRuntime& srt() {
@@ -147,14 +138,6 @@ std::int32_t server_index(const Pool& pool, const std::string& name) {
 
 // --- Notifications -------------------------------------------------------------------------------
 
-sockaddr_un address_of(std::int32_t pid, socklen_t& len) {
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  const int n = std::snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "omni-proxy/w/%d", pid);
-  len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + static_cast<std::size_t>(n));
-  return a;
-}
-
 void run_pass() noexcept;
 void scan_waiting() noexcept;
 
@@ -164,72 +147,12 @@ void post(ngx_event_t& ev) {
   }
 }
 
-// Wakes `pid`: this worker through a posted event, another through its socket.
-void wake(std::int32_t pid) noexcept {
+// Every wake-up of this worker (notify.cpp): the scheduling worker runs a pass, every worker
+// looks at its waiting requests.
+void on_wake() noexcept {
   SchedRuntime& r = srt();
-  if (pid <= 0) return;
-  if (pid == ngx_pid) {
-    post(r.scan_event);
-    if (r.leader) post(r.pass_event);
-    return;
-  }
-  if (r.sock == nullptr) return;
-  socklen_t len = 0;
-  const sockaddr_un a = address_of(pid, len);
-  const char byte = 1;
-  const ssize_t n = ::sendto(r.sock->fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL,
-                             reinterpret_cast<const sockaddr*>(&a), len);
-  // EAGAIN: its queue is full, so it has wake-ups pending anyway; ECONNREFUSED: it is gone.
-  if (n == 1) {
-    ++r.wakes_sent;
-  } else {
-    ++r.wakes_failed;
-  }
-}
-
-void on_socket(ngx_event_t* ev) noexcept {
-  SchedRuntime& r = srt();
-  auto* c = static_cast<ngx_connection_t*>(ev->data);
-  char buf[64];
-  for (int i = 0; i < 4096; ++i) {
-    const ssize_t n = ::recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
-    if (n < 0) break;
-    ++r.wakes_received;
-  }
   if (r.leader) run_pass();
   scan_waiting();
-}
-
-bool open_socket(ngx_cycle_t* cycle) {
-  SchedRuntime& r = srt();
-  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno, "omni_proxy scheduler: socket() failed");
-    return false;
-  }
-  socklen_t len = 0;
-  const sockaddr_un a = address_of(ngx_pid, len);
-  if (::bind(fd, reinterpret_cast<const sockaddr*>(&a), len) != 0) {
-    ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
-                  "omni_proxy scheduler: bind() of the wake-up socket failed");
-    ::close(fd);
-    return false;
-  }
-  ngx_connection_t* c = ngx_get_connection(fd, cycle->log);
-  if (c == nullptr) {
-    ::close(fd);
-    return false;
-  }
-  c->read->handler = on_socket;
-  c->read->log = cycle->log;
-  c->write->log = cycle->log;
-  c->data = c;
-  if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
-    ngx_close_connection(c);
-    return false;
-  }
-  r.sock = c;
-  return true;
 }
 
 // --- The lease ----------------------------------------------------------------------------------
@@ -280,25 +203,21 @@ void check_lease() noexcept try {
   SchedRuntime& r = srt();
   if (r.s == nullptr) return;
   const std::uint64_t now = omni::steady_now_ns();
-  if (superseded() || ngx_terminate || ngx_quit) {
-    // A newer cycle's workers share this zone: they schedule.
+  if (superseded()) {
+    // A newer cycle's workers share this zone: they schedule (they take the lease at their
+    // next tick), this worker's queued requests included.
     if (r.leader && r.s->release_lease(ngx_pid)) {
       ngx_log_error(NGX_LOG_NOTICE, r.log, 0,
                     "omni_proxy scheduler: worker %P hands the scheduler to the new workers",
                     ngx_pid);
     }
     r.leader = false;
-    const std::int32_t holder = r.s->leader();
-    if (holder == 0 || omni::pid_gone(static_cast<std::uint64_t>(holder))) {
-      // Nobody newer took it (they may not have started yet): keep the queue moving.
-      bool changed = false;
-      if (!(ngx_terminate || ngx_quit) && r.s->claim_lease(ngx_pid, now, kLeaseStaleNs, &changed)) {
-        r.leader = true;
-      }
-    }
-    if (!r.leader) watch(r.s->leader());
+    watch(r.s->leader());
     return;
   }
+  // Otherwise this cycle's workers schedule, a worker shutting down gracefully included: after
+  // a reload that changed the configuration, the old workers keep scheduling their own zone's
+  // queue until they are gone.
   bool changed = false;
   r.leader = r.s->claim_lease(ngx_pid, now, kLeaseStaleNs, &changed);
   if (r.leader) {
@@ -353,7 +272,7 @@ void wake_leader() noexcept {
     r.leader = true;
     post(r.pass_event);
   } else {
-    wake(holder);
+    notify_wake(holder);
   }
 }
 
@@ -413,7 +332,7 @@ void run_pass() noexcept try {
   const std::uint64_t now = omni::steady_now_ns();
   r.s->beat_lease(ngx_pid, now);
   omni::sched::PassResult res = r.s->pass(now, r.reg->sched.options, r.views);
-  for (std::int32_t pid : res.wake) wake(pid);
+  for (std::int32_t pid : res.wake) notify_wake(pid);
   if (r.pass_timer.timer_set) ngx_del_timer(&r.pass_timer);
   if (res.next_ns != 0) {
     const std::uint64_t after = res.next_ns > now ? res.next_ns - now : 0;
@@ -427,10 +346,6 @@ void run_pass() noexcept try {
 
 void on_pass_event(ngx_event_t*) noexcept {
   run_pass();
-}
-
-void on_scan_event(ngx_event_t*) noexcept {
-  scan_waiting();
 }
 
 void unlink_waiting(SchedRequest& sr) {
@@ -827,23 +742,23 @@ void sched_init_process(ngx_cycle_t* cycle, void* region, std::size_t bytes,
   for (std::size_t b = 0; b < reg->sched.limits.size() && b < r.s->instances(); ++b) {
     r.s->set_limits(static_cast<std::uint32_t>(b), reg->sched.limits[b]);
   }
-  for (ngx_event_t* ev : {&r.pass_event, &r.scan_event, &r.pass_timer, &r.lease_timer}) {
+  for (ngx_event_t* ev : {&r.pass_event, &r.pass_timer, &r.lease_timer}) {
     ev->log = cycle->log;
     ev->data = &r;
   }
   r.pass_event.handler = on_pass_event;
   r.pass_timer.handler = on_pass_event;
   r.pass_timer.cancelable = 1;
-  r.scan_event.handler = on_scan_event;
   r.lease_timer.handler = lease_tick;
   r.lease_timer.cancelable = 1;
-  if (!open_socket(cycle)) {
+  if (!notify_ready()) {
     ngx_log_error(NGX_LOG_ALERT, cycle->log, 0,
                   "omni_proxy_scheduler: no wake-up socket; scheduled locations route without "
                   "queueing in this worker");
     r.s.reset();
     return;
   }
+  notify_subscribe(on_wake);
   check_lease();
   ngx_add_timer(&r.lease_timer, kLeaseTick);
 } catch (...) {
@@ -858,15 +773,8 @@ void sched_exit_process() noexcept {
   if (r.pass_event.posted) {
     ngx_delete_posted_event(&r.pass_event);
   }
-  if (r.scan_event.posted) {
-    ngx_delete_posted_event(&r.scan_event);
-  }
   const bool was_leader = r.s->release_lease(ngx_pid);
   unwatch();
-  if (r.sock != nullptr) {
-    ngx_close_connection(r.sock);
-    r.sock = nullptr;
-  }
   // The other workers watch this one's pidfd: they take over when it has exited.
   (void)was_leader;
   r.s.reset();
@@ -989,12 +897,13 @@ void sched_acted(SchedRequest& sr) noexcept {
     r.s->observe_notify_latency(now > d.released_ns ? now - d.released_ns : 0);
 }
 
-void sched_prefill_done(SchedRequest& sr, bool ok,
-                        std::optional<std::uint32_t> actual_cached) noexcept {
+void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> actual_cached,
+                        std::int32_t server) noexcept {
   SchedRuntime& r = srt();
   if (r.s == nullptr || !sr.active) return;
-  const bool wake =
-      r.s->prefill_done(sr.ref, omni::steady_now_ns(), ok, actual_cached, r.reg->sched.options);
+  const bool learn = server >= 0 && r.s->decision(sr.ref).prefill_server == server;
+  const bool wake = r.s->prefill_done(sr.ref, omni::steady_now_ns(), ok, actual_cached,
+                                      r.reg->sched.options, learn);
   const omni::sched::Decision d = r.s->decision(sr.ref);
   if (!d.valid) sr.active = false;
   if (d.state == omni::sched::State::kDecodeQueued) {
@@ -1114,12 +1023,10 @@ nlohmann::json sched_status_json() {
   j["notify_latency"] = histogram_json(r.s->notify_latency());
   j["queue_wait"] = histogram_json(r.s->queue_wait());
   j["decode_wait"] = histogram_json(r.s->decode_wait());
-  j["this_worker"] = {{"pid", ngx_pid},
-                      {"leader", r.leader},
-                      {"waiting", r.waiting_count},
-                      {"wakes_sent", r.wakes_sent},
-                      {"wakes_failed", r.wakes_failed},
-                      {"wakes_received", r.wakes_received}};
+  const NotifyStats ns = notify_stats();
+  j["this_worker"] = {
+      {"pid", ngx_pid},        {"leader", r.leader},        {"waiting", r.waiting_count},
+      {"wakes_sent", ns.sent}, {"wakes_failed", ns.failed}, {"wakes_received", ns.received}};
   nlohmann::json pools = nlohmann::json::array();
   for (const Pool& p : r.reg->pools) {
     nlohmann::json servers = nlohmann::json::array();

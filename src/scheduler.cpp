@@ -876,7 +876,7 @@ std::size_t Scheduler::pools() const noexcept {
 void Scheduler::set_limits(std::uint32_t instance, const InstanceLimits& limits) noexcept {
   if (instance >= hdr_->instances) return;
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   inst_[instance].batch_tokens_cfg = limits.batch_tokens;
   inst_[instance].max_seqs = limits.max_seqs;
 }
@@ -895,7 +895,7 @@ EnqueueResult Scheduler::enqueue(const EnqueueRequest& req, std::uint64_t now_ns
     return out;
   }
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   Impl im(*this);
   const std::uint32_t max_queue =
       opt.max_queue == 0 ? hdr_->capacity : std::min(opt.max_queue, hdr_->capacity);
@@ -1031,7 +1031,7 @@ Decision Scheduler::decision(Ref ref) const noexcept {
 bool Scheduler::cancel(Ref ref, std::uint64_t /*now_ns*/) noexcept {
   if (ref.index >= hdr_->capacity) return false;
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   Entry& e = entries_[ref.index];
   if (e.ticket != ref.ticket || state_of(e) == State::kFree) return false;
   const bool frees_room = (e.flags & (detail::kPrefillAccounted | detail::kDecodeAccounted)) != 0;
@@ -1041,11 +1041,11 @@ bool Scheduler::cancel(Ref ref, std::uint64_t /*now_ns*/) noexcept {
 }
 
 bool Scheduler::prefill_done(Ref ref, std::uint64_t now_ns, bool ok,
-                             std::optional<std::uint32_t> actual_cached,
-                             const Options& opt) noexcept {
+                             std::optional<std::uint32_t> actual_cached, const Options& opt,
+                             bool learn) noexcept {
   if (ref.index >= hdr_->capacity) return false;
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   Impl im(*this);
   Entry& e = entries_[ref.index];
   if (e.ticket != ref.ticket || state_of(e) != State::kPrefill) return false;
@@ -1055,7 +1055,7 @@ bool Scheduler::prefill_done(Ref ref, std::uint64_t now_ns, bool ok,
     if (actual_cached) {
       tokens = static_cast<double>(e.prompt_tokens - std::min(*actual_cached, e.prompt_tokens));
     }
-    if (ok) im.observe_completion(in, now_ns, tokens, opt);
+    if (ok && learn) im.observe_completion(in, now_ns, tokens, opt);
     im.unaccount_prefill(e);
   }
   const auto mode = static_cast<Mode>(e.mode);
@@ -1079,7 +1079,7 @@ bool Scheduler::decode_done(Ref ref, std::uint64_t now_ns, double tpot_ms,
   (void)now_ns;
   if (ref.index >= hdr_->capacity) return false;
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   Impl im(*this);
   Entry& e = entries_[ref.index];
   const State st = state_of(e);
@@ -1140,7 +1140,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
   PassResult r;
   RobustLock lock(hdr_->lock);
   if (lock.took_over()) {
-    repair();
+    repair_locked();
     r.repaired = true;
   }
   Impl im(*this);
@@ -1267,7 +1267,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
 std::uint32_t Scheduler::reclaim_dead(std::uint64_t now_ns,
                                       const std::function<bool(std::int32_t)>& gone) {
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   hdr_->last_reclaim_ns = now_ns;
   Impl im(*this);
   std::uint32_t freed = 0;
@@ -1292,6 +1292,11 @@ std::uint32_t Scheduler::reclaim_dead(std::uint64_t now_ns,
 }
 
 std::uint32_t Scheduler::repair() {
+  RobustLock lock(hdr_->lock);
+  return repair_locked();
+}
+
+std::uint32_t Scheduler::repair_locked() {
   // Called with the lock held.
   Impl im(*this);
   std::uint32_t corrupt = 0;
@@ -1483,7 +1488,7 @@ double Scheduler::itl_ms(std::uint32_t instance, double running, const Options& 
 void Scheduler::observe_step(std::uint32_t instance, double tokens, double ms, const Options& opt) {
   if (instance >= hdr_->instances) return;
   RobustLock lock(hdr_->lock);
-  if (lock.took_over()) repair();
+  if (lock.took_over()) repair_locked();
   fit_step(inst_[instance].step, tokens / 1000.0, ms, opt);
 }
 

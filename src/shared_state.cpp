@@ -1548,6 +1548,19 @@ std::int64_t SharedState::group_queued(std::uint16_t group) const noexcept {
                    &GroupCell::queued);
 }
 
+std::vector<std::int32_t> SharedState::owners_queued(std::uint16_t group) const {
+  std::vector<std::int32_t> pids;
+  if (group >= group_count_) return pids;
+  const GroupCell* row = group_cells_ + std::size_t{group} * max_owners_;
+  const std::uint32_t used = owner_rows_used();
+  for (std::uint32_t o = 0; o < used; ++o) {
+    if (row[o].queued.load(std::memory_order_relaxed) <= 0) continue;
+    const std::uint64_t w = owners_[o].word.load(std::memory_order_acquire);
+    if (w != 0) pids.push_back(static_cast<std::int32_t>(static_cast<std::uint32_t>(w)));
+  }
+  return pids;
+}
+
 std::optional<GroupStats> SharedState::group_stats(std::uint16_t group) const {
   if (group >= group_count_) return std::nullopt;
   const GroupBlock& g = groups_[group];

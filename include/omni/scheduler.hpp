@@ -339,9 +339,11 @@ class Scheduler {
   // failed. `actual_cached`: the engine's usage.prompt_tokens_details.cached_tokens, when
   // reported (corrects the tokens the step computed). Sequential: the entry becomes
   // kDecodeQueued when `ok` (the next pass picks its decode server), else it is freed. Parallel
-  // and aggregated: kDecode. Returns whether the scheduler should run.
+  // and aggregated: kDecode. `learn` false: the leg ran elsewhere (a retry), so its time says
+  // nothing of the chosen instance's steps. Returns whether the scheduler should run.
   bool prefill_done(Ref ref, std::uint64_t now_ns, bool ok,
-                    std::optional<std::uint32_t> actual_cached, const Options& opt) noexcept;
+                    std::optional<std::uint32_t> actual_cached, const Options& opt,
+                    bool learn = true) noexcept;
   // The decode leg finished (the request's end); `tpot_ms` > 0 when measured (feeds the
   // inter-token latency fit). The entry is freed. Returns whether the scheduler should run.
   bool decode_done(Ref ref, std::uint64_t now_ns, double tpot_ms, const Options& opt) noexcept;
@@ -366,8 +368,8 @@ class Scheduler {
   // default predicate is pid_gone().
   std::uint32_t reclaim_dead(std::uint64_t now_ns,
                              const std::function<bool(std::int32_t)>& gone = {});
-  // Rebuilds every derived structure from the entries (after a takeover). Returns how many
-  // entries were found corrupt and freed.
+  // Rebuilds every derived structure from the entries (after a takeover; under the lock).
+  // Returns how many entries were found corrupt and freed.
   std::uint32_t repair();
 
   // Owners record when they acted on a decision: from enqueue (the decision latency, which
@@ -397,6 +399,7 @@ class Scheduler {
  private:
   Scheduler() = default;
   bool bind(void* region, std::size_t bytes);
+  std::uint32_t repair_locked();
   struct Impl;
   friend struct Impl;
 

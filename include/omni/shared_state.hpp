@@ -325,6 +325,8 @@ class SharedState {
   std::uint16_t group_count() const noexcept { return group_count_; }
   std::int64_t group_inflight(std::uint16_t group) const noexcept;
   std::int64_t group_queued(std::uint16_t group) const noexcept;
+  // The pids of the owners with requests queued in `group` (whom a freed place concerns).
+  std::vector<std::int32_t> owners_queued(std::uint16_t group) const;
   std::optional<GroupStats> group_stats(std::uint16_t group) const;
 
   // --- Reads ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -63,6 +64,23 @@ TEST(SharedStateLimits, AdmitsUpToLimitThenQueuesThenRejects) {
   EXPECT_EQ(g.queued_total, 1u);
   EXPECT_EQ(g.rejected_total, 2u);
   EXPECT_EQ(g.timed_out_total, 0u);
+}
+
+TEST(SharedStateLimits, OwnersQueuedNamesWhomAFreedPlaceConcerns) {
+  Fixture f;
+  SharedState& s = *f.st;
+  EXPECT_EQ(s.admit(100, 0, 1, 4), Admission::kAdmitted);
+  EXPECT_EQ(s.admit(101, 0, 1, 4), Admission::kQueued);
+  EXPECT_EQ(s.admit(102, 0, 1, 4), Admission::kQueued);
+  EXPECT_EQ(s.admit(102, 1, 1, 4), Admission::kAdmitted);
+  auto pids = s.owners_queued(0);
+  std::sort(pids.begin(), pids.end());
+  EXPECT_EQ(pids, (std::vector<std::int32_t>{101, 102}));
+  EXPECT_TRUE(s.owners_queued(1).empty());
+  EXPECT_TRUE(s.owners_queued(9).empty());
+  s.leave(100, 0);
+  EXPECT_TRUE(s.promote(101, 0, 1));
+  EXPECT_EQ(s.owners_queued(0), (std::vector<std::int32_t>{102}));
 }
 
 TEST(SharedStateLimits, UnlimitedAndUnknownGroups) {
