@@ -369,6 +369,7 @@ struct SchedRequest {
   std::uint8_t seen = 0;      // the entry state last acted upon (omni::sched::State)
   bool latency_recorded = false;
   bool timed_out = false;     // the backstop fired: no decision came in time
+  bool sequential = false;    // vLLM P/D: waits again for its decode server after the prefill
   std::uint64_t enqueue_ns = 0;
   ngx_queue_t link{};
   // Called (on the event loop) when the entry's state changed from `seen`.

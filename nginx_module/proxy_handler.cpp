@@ -862,7 +862,9 @@ void after_prefill(ngx_http_request_t* r) noexcept try {
   if (st.scheduled) {
     // The decode scheduler picks the decode server when one has a slot.
     sched_prefill_done(st.sched, true, actual_cached, served_prefill(st));
-    if (sched_decision(st.sched).state == omni::sched::State::kDecodeQueued) {
+    // Waiting for its decode server: the decision comes through on_change, even when the
+    // scheduling worker (another process) has made it already.
+    if (st.sched.waiting) {
       r->read_event_handler = ngx_http_test_reading;  // a client that leaves is noticed
       return;
     }

@@ -861,6 +861,7 @@ SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t
   }
   sr.ref = res.ref;
   sr.active = true;
+  sr.sequential = req.mode == omni::sched::Mode::kSequential;
   sr.seen = static_cast<std::uint8_t>(omni::sched::State::kQueued);
   sr.enqueue_ns = now;
   sr.latency_recorded = false;
@@ -906,9 +907,13 @@ void sched_prefill_done(SchedRequest& sr, bool ok, std::optional<std::uint32_t> 
                                       r.reg->sched.options, learn);
   const omni::sched::Decision d = r.s->decision(sr.ref);
   if (!d.valid) sr.active = false;
-  if (d.state == omni::sched::State::kDecodeQueued) {
-    sr.seen = static_cast<std::uint8_t>(d.state);
+  // Sequential: it waits for its decode server. The scheduling worker (another process) may
+  // have chosen it already, between the two calls above: the scan sees the change either way,
+  // and exactly one decode leg starts, from on_change.
+  if (ok && sr.sequential && d.valid) {
+    sr.seen = static_cast<std::uint8_t>(omni::sched::State::kDecodeQueued);
     link_waiting(sr, static_cast<ngx_msec_t>(r.reg->sched.options.decode_max_wait_ms));
+    if (d.state != omni::sched::State::kDecodeQueued) notify_wake(ngx_pid);
   }
   if (wake) wake_leader();
 }
