@@ -57,7 +57,10 @@ enum class KvMode : std::uint8_t {
 // Parameters of omni_proxy_policy kv_aware (pool memory, trivially destructible).
 struct KvPolicyOptions {
   double epsilon = 0.25;           // bounded-load slack for cold prefixes
-  double tie_fraction = 0.05;      // expected TTFTs this close are a tie: more cached wins
+  // Expected TTFTs this close are a tie: more cached wins. 0.3, not kv_routing's 0.05: a cache
+  // hit also saves the cluster's compute, which the one request's TTFT does not count
+  // (measured on Mooncake, docs/benchmarks.md: more hits, TTFT p99 no worse).
+  double tie_fraction = 0.3;
   double kv_usage_high = 0.95;     // KV usage at which an instance is avoided
   double prefill_tps = 20000;      // prefill speed assumed before one is measured, tokens/s
   double decode_slack = 0.10;      // decode loads this close are equal: more cached wins
