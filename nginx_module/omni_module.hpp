@@ -210,6 +210,8 @@ ngx_int_t send_json(ngx_http_request_t* r, ngx_uint_t status, std::string_view b
 // The same with any content type; `content_type` must outlive the request (a literal).
 ngx_int_t send_body(ngx_http_request_t* r, ngx_uint_t status, std::string_view content_type,
                     std::string_view body);
+// The value of the client request's header `name` (case-insensitive), or "" (proxy_handler.cpp).
+std::string header_value(ngx_http_request_t* r, std::string_view name);
 // Sends an OpenAI-style error; with a Retry-After header when retry_after_s > 0.
 ngx_int_t send_error(ngx_http_request_t* r, ngx_uint_t status, const std::string& message,
                      const std::string& param = {}, unsigned retry_after_s = 0);

@@ -331,24 +331,6 @@ bool collect_body(ngx_http_request_t* r, std::string& out) {
   return true;
 }
 
-std::string header_value(ngx_http_request_t* r, std::string_view name) {
-  ngx_list_part_t* part = &r->headers_in.headers.part;
-  auto* h = static_cast<ngx_table_elt_t*>(part->elts);
-  for (ngx_uint_t i = 0;; ++i) {
-    if (i >= part->nelts) {
-      if (part->next == nullptr) break;
-      part = part->next;
-      h = static_cast<ngx_table_elt_t*>(part->elts);
-      i = 0;
-    }
-    if (h[i].hash != 0 && h[i].key.len == name.size() &&
-        ngx_strncasecmp(h[i].key.data, reinterpret_cast<u_char*>(const_cast<char*>(name.data())),
-                        name.size()) == 0) {
-      return std::string(reinterpret_cast<const char*>(h[i].value.data), h[i].value.len);
-    }
-  }
-  return {};
-}
 
 // X-Request-Id: the client's when it is sane, otherwise 32 random hex digits. Both legs carry
 // the same one, as vLLM's P/D connectors expect.
@@ -1809,6 +1791,25 @@ void proxy_exit_process() noexcept {
   if (q.kick.posted) {
     ngx_delete_posted_event(&q.kick);  // a multi-statement macro
   }
+}
+
+std::string header_value(ngx_http_request_t* r, std::string_view name) {
+  ngx_list_part_t* part = &r->headers_in.headers.part;
+  auto* h = static_cast<ngx_table_elt_t*>(part->elts);
+  for (ngx_uint_t i = 0;; ++i) {
+    if (i >= part->nelts) {
+      if (part->next == nullptr) break;
+      part = part->next;
+      h = static_cast<ngx_table_elt_t*>(part->elts);
+      i = 0;
+    }
+    if (h[i].hash != 0 && h[i].key.len == name.size() &&
+        ngx_strncasecmp(h[i].key.data, reinterpret_cast<u_char*>(const_cast<char*>(name.data())),
+                        name.size()) == 0) {
+      return std::string(reinterpret_cast<const char*>(h[i].value.data), h[i].value.len);
+    }
+  }
+  return {};
 }
 
 // --- Hooks for the balancer and the variables --------------------------------------------------

@@ -789,27 +789,14 @@ bool sched_active(const LocConf& lcf) noexcept {
 }
 
 std::int32_t sched_priority(ngx_http_request_t* r, std::optional<std::int64_t> body_priority) {
-  const std::string& name =
-      srt().reg != nullptr ? srt().reg->sched.priority_header : std::string("x-omni-priority");
-  ngx_list_part_t* part = &r->headers_in.headers.part;
-  auto* h = static_cast<ngx_table_elt_t*>(part->elts);
-  for (ngx_uint_t i = 0;; ++i) {
-    if (i >= part->nelts) {
-      if (part->next == nullptr) break;
-      part = part->next;
-      h = static_cast<ngx_table_elt_t*>(part->elts);
-      i = 0;
-    }
-    if (h[i].key.len != name.size() ||
-        ngx_strncasecmp(h[i].key.data, reinterpret_cast<u_char*>(const_cast<char*>(name.data())),
-                        name.size()) != 0) {
-      continue;
-    }
-    const std::string v(reinterpret_cast<const char*>(h[i].value.data), h[i].value.len);
+  static const std::string kDefault = "x-omni-priority";
+  const std::string v =
+      header_value(r, srt().reg != nullptr ? srt().reg->sched.priority_header : kDefault);
+  if (!v.empty()) {
     char* end = nullptr;
     errno = 0;
     const long long p = std::strtoll(v.c_str(), &end, 10);
-    if (errno == 0 && end != nullptr && *end == '\0' && !v.empty()) {
+    if (errno == 0 && end != nullptr && *end == '\0') {
       return static_cast<std::int32_t>(std::clamp<long long>(p, -1'000'000, 1'000'000));
     }
   }

@@ -496,6 +496,17 @@ struct Scheduler::Impl {
   }
   void pop_decode(std::uint32_t idx) { remove_value(s.dqueue_, h.n_dqueue, idx); }
 
+  // Refuses a queued entry (it leaves its queue; its owner answers 503). `why`: 1 no decode slot
+  // in time, 2 no healthy server.
+  void refuse(std::uint32_t idx, std::uint8_t why, std::atomic<std::uint64_t>& counter) {
+    Entry& e = entry(idx);
+    if (state_of(e) == State::kQueued) pop_order(idx);
+    if (state_of(e) == State::kDecodeQueued) pop_decode(idx);
+    e.refusal = why;
+    e.state.store(static_cast<std::uint32_t>(State::kRefused), std::memory_order_release);
+    counter.fetch_add(1, std::memory_order_relaxed);
+  }
+
   void free_entry(std::uint32_t idx) {
     Entry& e = entry(idx);
     const State st = state_of(e);
@@ -593,7 +604,6 @@ struct Scheduler::Impl {
     const PoolShape& pp = pool(e.ppool);
     const std::uint32_t* pc = cached(idx, 0);
     const bool parallel = e.mode == static_cast<std::uint8_t>(Mode::kParallel);
-    KvCandidate all[kMaxServers];
     KvCandidate roomy[kMaxServers];
     std::size_t n_all = 0, n_room = 0;
     double best_all = std::numeric_limits<double>::infinity();
@@ -619,7 +629,7 @@ struct Scheduler::Impl {
       k.kv_usage = kv_usage(views, b);
       k.ring_load = static_cast<double>(in.out_tokens);
       k.tokens_per_s = 1.0 / step_b(in, o) * 1000.0;
-      all[n_all++] = k;
+      ++n_all;
       best_all = std::min(best_all, k.expected_ms);
       if (force || room(in, st, u, o)) {
         roomy[n_room++] = k;
@@ -674,7 +684,7 @@ struct Scheduler::Impl {
       e.dserver = static_cast<std::int16_t>(dpick[j]);
       e.decode_released_ns = now;
       Instance& din = inst(backend_of(e.dpool, e.dserver));
-      e.decode_load = std::max<std::uint32_t>(din.decoding, 0);
+      e.decode_load = din.decoding;
       account_decode(e);
     }
     // The instance's state changed: refresh it for the next entries of this pass.
@@ -1176,10 +1186,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
       notify(e.owner);
     } else {
       // No healthy server at all: the request cannot be served within its bound.
-      im.pop_order(idx);
-      e.refusal = 2;
-      e.state.store(static_cast<std::uint32_t>(State::kRefused), std::memory_order_release);
-      hdr_->refused_unavailable.fetch_add(1, std::memory_order_relaxed);
+      im.refuse(idx, 2, hdr_->refused_unavailable);
       ++r.refused;
       notify(e.owner);
     }
@@ -1238,10 +1245,7 @@ PassResult Scheduler::pass(std::uint64_t now_ns, const Options& opt,
       continue;
     }
     if (dbound != 0 && now_ns >= e.decode_enqueue_ns + dbound) {
-      im.pop_decode(idx);
-      e.refusal = 1;
-      e.state.store(static_cast<std::uint32_t>(State::kRefused), std::memory_order_release);
-      hdr_->refused_decode_wait.fetch_add(1, std::memory_order_relaxed);
+      im.refuse(idx, 1, hdr_->refused_decode_wait);
       ++r.refused;
       notify(e.owner);
       continue;

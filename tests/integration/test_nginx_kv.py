@@ -22,7 +22,7 @@ import msgpack
 import zmq
 
 from simlib import Sim, free_port, get, post, wait_until
-from test_nginx_module import Nginx
+from test_nginx_module import Nginx, assert_config_fails
 
 N = 4  # servers
 
@@ -449,14 +449,7 @@ class KvPdTest(unittest.TestCase):
 
 class KvConfigTest(unittest.TestCase):
     def check_fails(self, body, *needles):
-        n = Nginx(body)
-        try:
-            r = n.run("-t")
-            self.assertNotEqual(r.returncode, 0, r.stderr)
-            for needle in needles:
-                self.assertIn(needle, r.stderr)
-        finally:
-            n.cleanup(allow=("emerg",))
+        assert_config_fails(self, body, *needles)
 
     LOC = """
     omni_proxy_zone omni 64m;

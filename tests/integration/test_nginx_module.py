@@ -94,6 +94,18 @@ MINIMAL = """
 """
 
 
+def assert_config_fails(test, body, *needles):
+    """`nginx -t` on `body` (inside http{}) fails, and its message holds every needle."""
+    n = Nginx(body)
+    try:
+        r = n.run("-t")
+        test.assertNotEqual(r.returncode, 0, r.stderr)
+        for needle in needles:
+            test.assertIn(needle, r.stderr)
+    finally:
+        n.cleanup(allow=("[emerg]",))
+
+
 class NginxModuleTest(unittest.TestCase):
     def check_config(self, body):
         n = Nginx(body)

@@ -19,7 +19,7 @@ import time
 import unittest
 
 from simlib import Sim, free_port, get, post, wait_until
-from test_nginx_module import Nginx
+from test_nginx_module import Nginx, assert_config_fails
 
 SLOW = ("--profile", "fast", "--max-num-batched-tokens", "512", "--time-scale", "20")
 
@@ -168,6 +168,31 @@ class SchedulerBasicsTest(unittest.TestCase):
             self.assertIn(route.get("reason"), ("cold", "cold_overflow", "warm"))
             self.assertIn("expected_ttft_ms", route)
             self.assertIsNotNone(header(r.headers, "X-Omni-Decode-Peer"))
+        finally:
+            c.stop()
+
+
+class SchedulerCommonPrefixTest(unittest.TestCase):
+    def test_shared_first_blocks_stay_balanced(self):
+        """Every request starts with the same 256 tokens (a system prompt). A greedy
+        longest-prefix rule sends them all to the first server that cached it; here, once that
+        server's queue costs more than the prefix saves, the others take requests, cache the
+        prefix too, and from then on it decides nothing."""
+        c = Cluster(self, prefill=2, decode=1)
+        try:
+            head = ids(424242, 256)
+            results = [None] * 24
+            bodies = [body(0, n=64) for _ in range(24)]
+            for i, b in enumerate(bodies):
+                b["prompt"] = head + ids(1000 + i, 300)
+            for t in run_load(c.listen, bodies, results, stagger=0.02):
+                t.join(60)
+            peers = [header(r[1], "X-Omni-Prefill-Peer") for r in results]
+            for r in results:
+                self.assertEqual(r[0], 200, r)
+            counts = {p: peers.count(p) for p in set(peers)}
+            self.assertEqual(len(counts), 2, counts)
+            self.assertGreaterEqual(min(counts.values()), 6, counts)
         finally:
             c.stop()
 
@@ -356,14 +381,7 @@ class SchedulerDecodeTest(unittest.TestCase):
 
 class SchedulerConfigTest(unittest.TestCase):
     def check(self, text, *needles):
-        n = Nginx(text)
-        try:
-            r = n.run("-t")
-            self.assertNotEqual(r.returncode, 0, r.stderr)
-            for needle in needles:
-                self.assertIn(needle, r.stderr)
-        finally:
-            n.cleanup(allow=("[emerg]",))
+        assert_config_fails(self, text, *needles)
 
     def test_mistakes_fail_nginx_t_naming_the_directive(self):
         base = conf(8000, [9001], [9002])
