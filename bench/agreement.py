@@ -64,6 +64,8 @@ def main():
     p.add_argument("--time-scale", type=float, default=0.1)
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--out", default=None)
+    p.add_argument("--policy-args", default="",
+                   help="extra omni_proxy_policy kv_aware parameters, e.g. decode_slack=0.5")
     args = p.parse_args()
     args.build = os.path.abspath(args.build)
     bins = {"sim": os.path.join(args.build, "sim", "omni-sim"),
@@ -91,8 +93,12 @@ def main():
             d = os.path.join(run, name)
             os.makedirs(d, exist_ok=True)
             port = scenario.free_port()
-            proxies[name] = (scenario.Nginx(d, scenario.nginx_conf(
-                d, bins["module"], port, "omni_kv", pre.ports(), dec.ports())), port)
+            conf = scenario.nginx_conf(d, bins["module"], port, "omni_kv", pre.ports(),
+                                       dec.ports())
+            if args.policy_args:
+                conf = conf.replace("omni_proxy_policy kv_aware;",
+                                    "omni_proxy_policy kv_aware %s;" % args.policy_args)
+            proxies[name] = (scenario.Nginx(d, conf), port)
             return port
 
         a, b = start_proxy("a"), start_proxy("b")
@@ -102,6 +108,9 @@ def main():
             cmd = [bins["bench"]] + scenario.trace_args(args.trace, scenario.data_dir(), args) + [
                 "--target", "http://127.0.0.1:%d" % port, "--time-scale", str(args.time_scale),
                 "--speedup", "%g" % (args.load / args.time_scale), "--seed", "7",
+                # Each replay its own request ids: the engines key the KV they hold for the
+                # decode by it (vLLM's remote_request_id).
+                "--request-id-prefix", "%s-bench-" % name,
                 "--summary", os.path.join(out, name + ".summary.json"),
                 "--csv", os.path.join(out, name + ".csv")]
             benches.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,

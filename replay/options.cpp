@@ -48,6 +48,8 @@ Report:
   --summary PATH            also write the summary JSON there (always printed to stdout)
   --csv PATH                one row per request
   --label TEXT              copied into the summary
+  --request-id-prefix P     X-Request-Id is P and the request's index (default bench-); two
+                            replays against one cluster need different ones
   --oracle-capacity-blocks N  hit rate of an ideal shared LRU cache of N blocks
   --oracle-block-size N     its block size in tokens (default 64)
   --dry-run                 print workload statistics (and the oracle) without sending
@@ -164,6 +166,13 @@ Options parse_options(int argc, const char* const* argv) {
       o.csv_path = value();
     else if (flag == "--label")
       o.label = value();
+    else if (flag == "--request-id-prefix") {
+      o.run.request_id_prefix = value();
+      if (o.run.request_id_prefix.empty() || o.run.request_id_prefix.size() > 64 ||
+          o.run.request_id_prefix.find_first_of(" \t\r\n") != std::string::npos) {
+        throw UsageError("--request-id-prefix: 1 to 64 characters, no spaces");
+      }
+    }
     else if (flag == "--oracle-capacity-blocks") {
       o.oracle_capacity_blocks = number<std::uint64_t>(flag, value(), 1, std::uint64_t{1} << 40);
     } else if (flag == "--oracle-block-size") {

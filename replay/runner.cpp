@@ -109,7 +109,7 @@ void Runner::launch(std::size_t i, bool waited) {
   ExchangeSpec spec;
   spec.path = config_.api == Api::kChat ? "/v1/chat/completions" : "/v1/completions";
   spec.host = config_.host;
-  spec.request_id = "bench-" + std::to_string(i);
+  spec.request_id = config_.request_id_prefix + std::to_string(i);
   spec.body = take_body(i);
   spec.timeout = config_.timeout;
   spec.prefill_header = config_.prefill_header;

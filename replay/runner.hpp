@@ -45,6 +45,7 @@ struct RunConfig {
   std::chrono::steady_clock::duration timeout = std::chrono::seconds(600);
   std::string prefill_header = "X-Omni-Prefill-Peer";
   std::string decode_header = "X-Omni-Decode-Peer";
+  std::string request_id_prefix = "bench-";  // X-Request-Id is the prefix and the index
 };
 
 struct RunResult {
