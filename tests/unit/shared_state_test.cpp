@@ -499,7 +499,7 @@ TEST(SharedState, ConcurrentAcquireReleaseNeverDoubleClaims) {
   std::vector<std::atomic<int>> holder(kSlots);
   for (auto& h : holder) h.store(-1);
   std::atomic<int> double_claims{0}, bad_results{0};
-  std::atomic<long> acquired{0}, refused{0};
+  std::atomic<long> acquired{0}, refused{0}, leftover{0};
 
   auto worker = [&](int t) {
     std::mt19937 rng(static_cast<unsigned>(t) * 7919u + 1);
@@ -532,6 +532,7 @@ TEST(SharedState, ConcurrentAcquireReleaseNeverDoubleClaims) {
         if (st->release(h) != SlotResult::kOk) bad_results.fetch_add(1);
       }
     }
+    leftover.fetch_add(static_cast<long>(held.size()));
     for (const SlotHandle& h : held) {
       holder[h.index].store(-1);
       if (st->release(h) != SlotResult::kOk) bad_results.fetch_add(1);
@@ -543,7 +544,13 @@ TEST(SharedState, ConcurrentAcquireReleaseNeverDoubleClaims) {
 
   EXPECT_EQ(double_claims.load(), 0);
   EXPECT_EQ(bad_results.load(), 0);
-  EXPECT_GT(acquired.load(), kThreads * kOpsPerThread / 4);
+  // Each op acquired, was refused, or released a slot held in the loop (the `leftover` ones were
+  // released after it), so acquires are about (ops - refused) / 2. With 4 threads truly in
+  // parallel on 6 slots refusals are frequent (one clean run: 99,184 acquires of 400,000 ops):
+  // the floor checks that the table was worked hard, not how the threads interleaved.
+  EXPECT_GT(acquired.load(), kThreads * kOpsPerThread / 10);
+  EXPECT_EQ(2 * acquired.load() - leftover.load() + refused.load(),
+            static_cast<long>(kThreads) * kOpsPerThread);
   EXPECT_GT(refused.load(), 0);  // the full table was exercised
   EXPECT_EQ(st->acquire_failures_total(), static_cast<std::uint64_t>(refused.load()));
   expect_gauges_zero(*st);
