@@ -197,6 +197,27 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     return False
 
 
+def wait_bootstrap_ports(nginx_port, pool, sim, timeout=10.0):
+    """Waits until nginx's /omni/status shows, for the servers of upstream `pool`, the bootstrap
+    port each SGLang prefill instance of `sim` announces. Until nginx has polled it, a server's
+    port is omni_proxy_bootstrap_port (8998), which is wrong when instances share a host: a
+    request sent then makes its decode wait on another instance's bootstrap server."""
+    want = {"127.0.0.1:%d" % inst["http_port"]: inst["bootstrap_port"] for inst in sim.instances}
+
+    def rows():
+        try:
+            r = get(nginx_port, "/omni/status", timeout=3)
+            backends = r.json().get("backends", []) if r.status == 200 else []
+        except (OSError, ValueError):
+            backends = []
+        return [b for b in backends if b.get("pool") == pool]
+
+    if not wait_until(lambda: {b["name"]: b.get("bootstrap_port") for b in rows()} == want,
+                      timeout, 0.1):
+        raise AssertionError("bootstrap ports of %s not discovered: want %s, status %s" %
+                             (pool, want, rows()))
+
+
 def free_port(count=1):
     """The first of `count` consecutive ports that are free right now."""
     for _ in range(200):

@@ -19,7 +19,8 @@ import socket
 import time
 import unittest
 
-from simlib import Response, Sim, free_port, get, metric, metrics, wait_until
+from simlib import (Response, Sim, free_port, get, metric, metrics, wait_bootstrap_ports,
+                    wait_until)
 from test_nginx_module import Nginx
 
 LEG_TIMEOUT_S = 10  # omni_proxy_prefill_timeout / omni_proxy_decode_timeout unless a test says
@@ -173,22 +174,6 @@ class _Base(unittest.TestCase):
             raise RuntimeError("nginx status never answered")
 
     @classmethod
-    def wait_bootstrap_ports(cls, pool, sim):
-        """Waits until nginx's status shows the bootstrap port every prefill instance of `sim`
-        announces, for the servers of `pool`."""
-        want = {"127.0.0.1:%d" % inst["http_port"]: inst["bootstrap_port"]
-                for inst in sim.instances}
-
-        def discovered():
-            rows = backend_rows(cls.nginx.port, pool)
-            got = {b["name"]: b.get("bootstrap_port") for b in rows}
-            return got == want
-
-        if not wait_until(discovered, 10, 0.1):
-            raise AssertionError("bootstrap ports of %s not discovered: want %s, status %s" %
-                                 (pool, want, backend_rows(cls.nginx.port, pool)))
-
-    @classmethod
     def tearDownClass(cls):
         errors = []
         if cls.nginx is not None:
@@ -266,7 +251,7 @@ class NginxParallelPdTest(_Base):
         try:
             cls.start_nginx(conf)
             # No traffic before nginx knows where the prefills' bootstrap servers are.
-            cls.wait_bootstrap_ports("sgl_prefill", cls.prefill)
+            wait_bootstrap_ports(cls.nginx.port, "sgl_prefill", cls.prefill)
         except Exception:
             cls.tearDownClass()
             raise
@@ -537,7 +522,7 @@ class NginxParallelOtherBalancerTest(_Base):
                     "        keepalive 8;\n    }\n" + upstream("lc_decode", [cls.decode.port()]) +
                     STATUS_SERVER + parallel_server(cls.port, "lc_prefill", "lc_decode"))
             cls.start_nginx(conf)
-            cls.wait_bootstrap_ports("lc_prefill", cls.prefill)
+            wait_bootstrap_ports(cls.nginx.port, "lc_prefill", cls.prefill)
         except Exception:
             cls.tearDownClass()
             raise
@@ -646,7 +631,7 @@ class NginxParallelFailureTest(_Base):
             for pool, s in (("p_err", cls.p_err), ("p_for_derr", cls.p_for_derr),
                             ("p_hang", cls.p_hang), ("p_ok", cls.p_ok), ("p_ok2", cls.p_ok2),
                             ("p_slow", cls.p_slow), ("p_big", cls.p_big)):
-                cls.wait_bootstrap_ports(pool, s)
+                wait_bootstrap_ports(cls.nginx.port, pool, s)
         except Exception:
             cls.tearDownClass()
             raise

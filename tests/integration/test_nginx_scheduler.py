@@ -18,7 +18,7 @@ import threading
 import time
 import unittest
 
-from simlib import Sim, free_port, get, post, wait_until
+from simlib import Sim, free_port, get, post, wait_bootstrap_ports, wait_until
 from test_nginx_module import Nginx, assert_config_fails
 
 SLOW = ("--profile", "fast", "--max-num-batched-tokens", "512", "--time-scale", "20")
@@ -364,6 +364,8 @@ class SchedulerDecodeTest(unittest.TestCase):
             r = n.run()
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertTrue(wait_until(lambda: sched(listen).get("leader_pid", 0) != 0, 10))
+            # Both prefill instances run on one host with different bootstrap ports.
+            wait_bootstrap_ports(listen, "prefill", p)
             pairs = set()
             for i in range(12):
                 resp = post(listen, "/v1/completions", body(i, n=100))
