@@ -34,6 +34,8 @@ Traces: mooncake and azure (slices of the real traces in ../shared/data) and mul
 synthetic multi-tenant shared-prefix workload (omni-bench --synthetic: 8 tenants' 2,048-token
 system prompts, 32 users each, conversations of up to 4 turns).
 
+A system BASE@K=V+K=V is BASE with parameters added to its policy line: omni_kv@epsilon=0.25.
+
 usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure,multitenant] [--systems ...]
                          [--loads 0.5,1,1.5] [--repeats 2] [--time-scale 0.1] [--docs] [--quick]
 """
@@ -41,6 +43,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -112,12 +115,25 @@ def data_dir():
 
 
 def port_block(count):
-    """The first of `count` consecutive ports that are free right now."""
+    """The first of `count` consecutive ports that are free right now. A block is looked for
+    below the kernel's ephemeral range: inside it, every client connection (and every
+    TIME_WAIT of one) holds a port, and after a load test thousands of them leave no long run
+    free."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    pick = random.SystemRandom()
     for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-        s.close()
+        if count > 1 and low - count > 10000:
+            base = pick.randrange(10000, low - count)
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+            s.close()
         if base + count > 65535:
             continue
         held = []
@@ -196,6 +212,20 @@ class Sim:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def add_variant(name):
+    """A system named BASE@K=V+K=V (e.g. omni_kv@epsilon=0) is BASE with those parameters added
+    to its omni_proxy_policy line, so one run can compare a policy's settings."""
+    if "@" not in name or name in SYSTEMS:
+        return
+    base, params = name.split("@", 1)
+    if base not in SYSTEMS or not SYSTEMS[base][2].startswith("omni_proxy_policy "):
+        sys.exit("scenario: %r: parameters need a system with an omni_proxy_policy line" % name)
+    label, balancer, policy, kv = SYSTEMS[base]
+    params = params.replace("+", " ")
+    SYSTEMS[name] = ("%s %s" % (label, params), balancer,
+                     "%s %s;" % (policy.rstrip(";"), params), kv)
 
 
 def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports, sched=""):
@@ -561,6 +591,8 @@ def main():
     args.loads = [float(x) for x in args.loads.split(",")]
     traces = [t for t in args.traces.split(",") if t]
     systems = [s for s in args.systems.split(",") if s]
+    for s in systems:
+        add_variant(s)
     for name, known in (("trace", TRACES), ("system", SYSTEMS)):
         for x in traces if name == "trace" else systems:
             if x not in known:

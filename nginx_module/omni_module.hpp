@@ -56,7 +56,10 @@ enum class KvMode : std::uint8_t {
 
 // Parameters of omni_proxy_policy kv_aware (pool memory, trivially destructible).
 struct KvPolicyOptions {
-  double epsilon = 0.25;           // bounded-load slack for cold prefixes
+  // Bounded-load slack for cold prefixes. 0.05, not 0.25: on Mooncake (mostly cold, long
+  // prompts) a home at 1.25x the mean queue cost more TTFT than the locality saved
+  // (docs/benchmarks.md, "The ring's slack").
+  double epsilon = 0.05;
   // Expected TTFTs this close are a tie: more cached wins. 0.3, not kv_routing's 0.05: a cache
   // hit also saves the cluster's compute, which the one request's TTFT does not count
   // (measured on Mooncake, docs/benchmarks.md: more hits, TTFT p99 no worse).

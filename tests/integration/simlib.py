@@ -8,6 +8,7 @@ ready file.
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -219,12 +220,25 @@ def wait_bootstrap_ports(nginx_port, pool, sim, timeout=10.0):
 
 
 def free_port(count=1):
-    """The first of `count` consecutive ports that are free right now."""
+    """The first of `count` consecutive ports that are free right now. A block is looked for
+    below the kernel's ephemeral range: inside it, every client connection (and every
+    TIME_WAIT of one) holds a port, and after a load test thousands of them leave no long run
+    free."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    pick = random.SystemRandom()
     for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-        s.close()
+        if count > 1 and low - count > 10000:
+            base = pick.randrange(10000, low - count)
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+            s.close()
         if base + count > 65535:
             continue
         held = []
