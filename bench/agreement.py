@@ -79,7 +79,7 @@ def main():
     try:
         common = ["--engine", "vllm", "--instances", str(args.instances), "--time-scale",
                   str(args.time_scale), "--seed", "1"]
-        base = scenario.port_block(scenario.REPLAY_OFFSET + 20)
+        base = scenario.free_port(scenario.REPLAY_OFFSET + 20)
         pre = scenario.Sim(bins["sim"], run, "prefill",
                            common + ["--role", "prefill", "--profile", scenario.PREFILL_PROFILE],
                            port=base)

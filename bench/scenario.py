@@ -43,10 +43,8 @@ import argparse
 import csv
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +53,11 @@ import time
 import urllib.request
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Port probing is shared with the integration tests (one implementation of "a block of free
+# ports below the ephemeral range").
+sys.path.insert(0, os.path.join(SOURCE, "tests", "integration"))
+from simlib import free_port  # noqa: E402
+
 
 # name: (label, upstream balancer, location policy, omni_proxy_kv_cache mode)
 SYSTEMS = {
@@ -112,52 +115,6 @@ def data_dir():
         if d and os.path.isdir(os.path.join(d, "traces")):
             return os.path.abspath(d)
     sys.exit("scenario: no trace folder; set OMNI_DATA_DIR to the folder holding traces/")
-
-
-def port_block(count):
-    """The first of `count` consecutive ports that are free right now. A block is looked for
-    below the kernel's ephemeral range: inside it, every client connection (and every
-    TIME_WAIT of one) holds a port, and after a load test thousands of them leave no long run
-    free."""
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    pick = random.SystemRandom()
-    for _ in range(200):
-        if count > 1 and low - count > 10000:
-            base = pick.randrange(10000, low - count)
-        else:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-            s.close()
-        if base + count > 65535:
-            continue
-        held = []
-        try:
-            for p in range(base, base + count):
-                t = socket.socket()
-                # As the servers bind (nginx, Asio and ZMQ set SO_REUSEADDR): a port whose old
-                # connections linger in TIME_WAIT is free for them.
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                t.bind(("127.0.0.1", p))
-                held.append(t)
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in held:
-                t.close()
-    raise RuntimeError("no block of %d free ports" % count)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout, what):
@@ -322,7 +279,7 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
     try:
         common = ["--engine", "vllm", "--instances", str(args.instances), "--time-scale",
                   str(scale), "--seed", str(1 + repeat)]
-        base = port_block(REPLAY_OFFSET + 20)
+        base = free_port(REPLAY_OFFSET + 20)
         prefill = Sim(bins["sim"], run_dir, "prefill",
                       common + ["--role", "prefill", "--profile", PREFILL_PROFILE], port=base)
         sims.append(prefill)

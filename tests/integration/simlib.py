@@ -205,18 +205,23 @@ def wait_bootstrap_ports(nginx_port, pool, sim, timeout=10.0):
     request sent then makes its decode wait on another instance's bootstrap server."""
     want = {"127.0.0.1:%d" % inst["http_port"]: inst["bootstrap_port"] for inst in sim.instances}
 
-    def rows():
-        try:
-            r = get(nginx_port, "/omni/status", timeout=3)
-            backends = r.json().get("backends", []) if r.status == 200 else []
-        except (OSError, ValueError):
-            backends = []
-        return [b for b in backends if b.get("pool") == pool]
+    def got():
+        return {b["name"]: b.get("bootstrap_port") for b in backend_rows(nginx_port, pool)}
 
-    if not wait_until(lambda: {b["name"]: b.get("bootstrap_port") for b in rows()} == want,
-                      timeout, 0.1):
+    if not wait_until(lambda: got() == want, timeout, 0.1):
         raise AssertionError("bootstrap ports of %s not discovered: want %s, status %s" %
-                             (pool, want, rows()))
+                             (pool, want, backend_rows(nginx_port, pool)))
+
+
+def backend_rows(nginx_port, pool):
+    """The `backends` rows of nginx's /omni/status for upstream `pool` ([] if it does not
+    answer)."""
+    try:
+        r = get(nginx_port, "/omni/status", timeout=3)
+        backends = r.json().get("backends", []) if r.status == 200 else []
+    except (OSError, ValueError):
+        backends = []
+    return [b for b in backends if b.get("pool") == pool]
 
 
 def free_port(count=1):

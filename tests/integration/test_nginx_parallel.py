@@ -19,8 +19,8 @@ import socket
 import time
 import unittest
 
-from simlib import (Response, Sim, free_port, get, metric, metrics, wait_bootstrap_ports,
-                    wait_until)
+from simlib import (Response, Sim, backend_rows, free_port, get, metric, metrics,
+                    wait_bootstrap_ports, wait_until)
 from test_nginx_module import Nginx
 
 LEG_TIMEOUT_S = 10  # omni_proxy_prefill_timeout / omni_proxy_decode_timeout unless a test says
@@ -35,10 +35,6 @@ def status(port):
         return r.json() if r.status == 200 else None
     except (OSError, ValueError):
         return None
-
-
-def backend_rows(port, pool):
-    return [b for b in (status(port) or {}).get("backends", []) if b.get("pool") == pool]
 
 
 def slots_used(port):
