@@ -181,7 +181,11 @@ class ReplayAgainstSim(unittest.TestCase):
         self.assertEqual(s["prefix_cache"]["hit_rate"], 0)
 
     def test_synthetic_shared_prefixes(self):
-        spec = ("requests=60,rate=100,arrival=fixed,input=uniform:20:40,output=3,prefixes=2,"
+        # omni-bench is open loop: a turn never waits for the conversation's previous one. At
+        # 2 req/s and time scale 0.01 a conversation's turns are about 30 ms apart on the wall
+        # clock, enough for a sanitizer build of the sim under ctest -j2 to finish a turn's
+        # prefill before the next arrives (at 100 req/s, 0.6 ms apart, it sometimes did not).
+        spec = ("requests=60,rate=2,arrival=fixed,input=uniform:20:40,output=3,prefixes=2,"
                 "prefix_len=512,users=3,turns=3")
         s, rows, _ = run_bench("--synthetic", spec, "--time-scale", 0.01,
                                "--target", self.target, "--oracle-capacity-blocks", 100000,
