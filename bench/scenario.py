@@ -27,7 +27,8 @@ always hit the same one. Afterwards the engines' own counters give each run's pr
 rate on the prefill instances (the one that saves prefill work), and the workload's ideal hit
 rate (one shared cache of the cluster's total prefill capacity) is computed by omni-bench
 --dry-run. Outputs, in --out: one folder per run (summary.json, requests.csv, nginx's
-error.log), results.json, report.md (the tables) and, with python3-matplotlib, the plots
+error.log and decisions.log: per request, both legs' servers, the prefill engine's predicted
+and reported cached tokens and the route explanations), results.json, report.md (the tables) and, with python3-matplotlib, the plots
 (SVG). --docs also copies the plots to docs/img/.
 
 Traces: mooncake and azure (slices of the real traces in ../shared/data) and multitenant, a
@@ -208,7 +209,12 @@ error_log {d}/error.log warn;
 worker_processes 2;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    # One line per request: how each leg's server was chosen and what the prefill engine hit
+    # (the per-request view behind the hit-rate column; kept with the run's results).
+    log_format decisions '$omni_request_id\t$status\t$omni_prefill_peer\t$omni_decode_peer\t'
+                         '$omni_predicted_cached_tokens\t$omni_cached_tokens\t'
+                         '$omni_prefill_route\t$omni_decode_route';
+    access_log {d}/decisions.log decisions;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
     fastcgi_temp_path {d}/tmp/fastcgi;
@@ -318,8 +324,9 @@ def run_one(args, bins, trace, data, system, load, repeat, out_dir):
                 nginx.stop()
             except Exception as e:  # noqa: BLE001 (still stop the sims)
                 print("scenario: nginx stop: %s" % e, file=sys.stderr)
-            if os.path.exists(os.path.join(run_dir, "error.log")):
-                shutil.copy(os.path.join(run_dir, "error.log"), os.path.join(out_dir, "error.log"))
+            for name in ("error.log", "decisions.log"):
+                if os.path.exists(os.path.join(run_dir, name)):
+                    shutil.copy(os.path.join(run_dir, name), os.path.join(out_dir, name))
         for s in sims:
             s.stop()
         shutil.rmtree(run_dir, ignore_errors=True)

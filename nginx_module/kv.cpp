@@ -427,6 +427,7 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
   omni::KvRouteOptions ro;
   ro.epsilon = o.epsilon;
   ro.tie_fraction = o.tie_fraction;
+  ro.miss_weight = o.miss_weight;
   ro.kv_usage_high = o.kv_usage_high;
   const auto d = omni::choose_prefill(cands, *ring, keys.blocks, std::max<std::size_t>(1, keys.block_units),
                                       kv.prompt_tokens, ro);

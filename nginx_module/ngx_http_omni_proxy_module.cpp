@@ -909,8 +909,8 @@ char* set_max_body_size(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept
   return NGX_CONF_OK;
 }
 
-// omni_proxy_policy kv_aware [epsilon=E] [tie=F] [kv_usage_high=U] [prefill_tps=N]
-//                            [decode_slack=F]
+// omni_proxy_policy kv_aware [epsilon=E] [tie=F] [miss_weight=W] [kv_usage_high=U]
+//                            [prefill_tps=N] [decode_slack=F]
 char* set_kv_policy(ngx_conf_t* cf, ngx_command_t* cmd, LocConf* lcf) {
   auto* value = static_cast<ngx_str_t*>(cf->args->elts);
   auto* o = static_cast<omni::ngx::KvPolicyOptions*>(
@@ -932,6 +932,8 @@ char* set_kv_policy(ngx_conf_t* cf, ngx_command_t* cmd, LocConf* lcf) {
       o->epsilon = number;
     } else if (name == "tie" && numeric && number >= 0 && number <= 1) {
       o->tie_fraction = number;
+    } else if (name == "miss_weight" && numeric && number >= 0 && number <= 10) {
+      o->miss_weight = number;
     } else if (name == "kv_usage_high" && numeric && number > 0 && number <= 1) {
       o->kv_usage_high = number;
     } else if (name == "prefill_tps" && numeric && number >= 1 && number <= 1e9) {
@@ -941,7 +943,8 @@ char* set_kv_policy(ngx_conf_t* cf, ngx_command_t* cmd, LocConf* lcf) {
     } else {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"%V kv_aware\": invalid parameter \"%V\"; use epsilon=0..10, tie=0..1, "
-                         "kv_usage_high=0..1, prefill_tps=N, decode_slack=0..10",
+                         "miss_weight=0..10, kv_usage_high=0..1, prefill_tps=N, "
+                         "decode_slack=0..10",
                          &cmd->name, &value[i]);
       return static_cast<char*>(NGX_CONF_ERROR);
     }

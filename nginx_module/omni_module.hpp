@@ -64,6 +64,9 @@ struct KvPolicyOptions {
   // hit also saves the cluster's compute, which the one request's TTFT does not count
   // (measured on Mooncake, docs/benchmarks.md: more hits, TTFT p99 no worse).
   double tie_fraction = 0.3;
+  // Price of a warm choice's uncached prefill compute, in units of the request's own TTFT
+  // (omni::KvRouteOptions::miss_weight).
+  double miss_weight = 0;
   double kv_usage_high = 0.95;     // KV usage at which an instance is avoided
   double prefill_tps = 20000;      // prefill speed assumed before one is measured, tokens/s
   double decode_slack = 0.10;      // decode loads this close are equal: more cached wins

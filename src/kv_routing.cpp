@@ -388,9 +388,15 @@ std::optional<KvRouteDecision> choose_prefill(std::span<const KvCandidate> candi
 
   // Warm.
   d.reason = KvRouteDecision::Reason::kWarm;
-  Scratch<double, kInline> ttft(candidates.size(), 0.0);
+  Scratch<double, kInline> ttft(candidates.size(), 0.0), score(candidates.size(), 0.0);
+  const double miss_weight = finite_nonneg(options.miss_weight) ? options.miss_weight : 0.0;
   for (std::size_t j = 0; j < candidates.size(); ++j) {
     ttft[j] = variable_ttft_ms(candidates[j], prompt_tokens, options);
+    score[j] = ttft[j];
+    const double speed = candidates[j].tokens_per_s;
+    if (miss_weight > 0 && speed > 0 && std::isfinite(speed)) {
+      score[j] += miss_weight * 1000.0 * double(prompt_tokens - cached(j)) / speed;
+    }
   }
   LazyRanks rank(ring, d.ring_key, eligible.span());
 
@@ -401,7 +407,7 @@ std::optional<KvRouteDecision> choose_prefill(std::span<const KvCandidate> candi
     for (std::size_t j = 0; j < candidates.size(); ++j) {
       if (j == skip) continue;
       any = true;
-      low = std::min(low, ttft[j]);
+      low = std::min(low, score[j]);
     }
     if (!any) return std::nullopt;
     const double limit = tie_limit(low, options.tie_fraction);
@@ -409,7 +415,7 @@ std::optional<KvRouteDecision> choose_prefill(std::span<const KvCandidate> candi
     std::size_t band = 0;
     bool lowest_won = false;
     for (std::size_t j = 0; j < candidates.size(); ++j) {
-      if (j == skip || !(ttft[j] <= limit)) continue;
+      if (j == skip || !(score[j] <= limit)) continue;
       ++band;
       if (!out) {
         out = j;
@@ -420,13 +426,13 @@ std::optional<KvRouteDecision> choose_prefill(std::span<const KvCandidate> candi
         out = j;
       }
     }
-    lowest_won = ttft[*out] == low;
+    lowest_won = score[*out] == low;
     // The tie rule decided when several were in the band and the winner is not the unique
     // lowest TTFT.
     if (band > 1) {
       std::size_t at_low = 0;
       for (std::size_t j = 0; j < candidates.size(); ++j) {
-        if (j != skip && ttft[j] == low) ++at_low;
+        if (j != skip && score[j] == low) ++at_low;
       }
       tied = !lowest_won || at_low > 1;
     }

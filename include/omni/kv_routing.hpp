@@ -150,10 +150,17 @@ struct KvRouteOptions {
   double kv_usage_penalty_ms = 1000;  // added to its expected TTFT
   double fixed_overhead_ms = 0;  // added to every candidate (does not change the choice; shows in
                                  // costs; the tie rule compares TTFTs without it)
-  // Two candidates whose expected TTFT differs by at most this fraction of the smaller are a tie:
-  // the one with more cached tokens wins (it spends less of the cluster's compute), then the
-  // ring order.
+  // Candidates whose score (below) is within this fraction of the lowest score are a tie: the one
+  // with more cached tokens wins (it spends less of the cluster's compute), then the ring order.
   double tie_fraction = 0.05;
+  // Warm choices rank candidates by
+  //     score = expected TTFT + miss_weight x 1000 x uncached tokens / tokens_per_s   (ms),
+  // i.e. the request's own wait plus a price on the prefill compute it spends there. The request's
+  // TTFT alone (0) ignores that recomputing a prefix another instance holds takes compute from
+  // every request queued after it; 1 counts that compute once more. Only uncached work is priced,
+  // so among equally cached candidates the choice is the TTFT's. Candidates without a usable
+  // tokens_per_s are not priced. 0..10.
+  double miss_weight = 0;
 };
 
 struct KvRouteDecision {
@@ -202,12 +209,13 @@ double expected_ttft_ms(const KvCandidate& c, std::uint32_t prompt_tokens,
 //     ring.choose(key, ring_load of each member (0 for non-candidates, eligible=false),
 //     cost = prompt_tokens - common (the request's uncached tokens), epsilon).
 //     runner_up = the ring's runner_up.
-//  2. Otherwise WARM: the candidate with the lowest expected_ttft_ms; ties (tie_fraction: every
-//     candidate within tie_fraction x the lowest, fixed_overhead_ms left out) -> more cached
-//     tokens -> earlier on the ring from the ring key (deterministic: never depends on candidate
-//     order). runner_up = the best of the others by the same rule. This is what keeps the
-//     "common-prefix trap" balanced: a cached prefix only wins while its saving exceeds the
-//     queue it adds.
+//  2. Otherwise WARM: the candidate with the lowest score (expected_ttft_ms plus the miss_weight
+//     price of its uncached tokens, KvRouteOptions); ties (tie_fraction: every candidate within
+//     tie_fraction x the lowest, fixed_overhead_ms left out) -> more cached tokens -> earlier on
+//     the ring from the ring key (deterministic: never depends on candidate order). runner_up =
+//     the best of the others by the same rule. The decision reports expected TTFTs, not scores.
+//     This is what keeps the "common-prefix trap" balanced: a cached prefix only wins while its
+//     saving (times 1 + miss_weight) exceeds the queue it adds.
 //     Note (measured in kv_routing_test.cpp, CommonPrefixTrapStaysBalanced): this is myopic.
 //     When one prefix is shared by every request, the instances end up evenly loaded only at
 //     high load; at lower load the rule uses just as many instances as the holders' queues

@@ -681,6 +681,75 @@ TEST(KvRoute, WarmButTheHoldersQueueExceedsTheSaving) {
   EXPECT_NE(d->chosen, 2u);
 }
 
+// miss_weight prices the uncached prefill a candidate would spend: the holder of a prefix keeps
+// its requests while its queue is below (1 + miss_weight) x the saving, not just the saving.
+TEST(KvRoute, MissWeightPricesRecomputation) {
+  const BoundedLoadRing ring(member_ids(4));
+  const auto keys = keys_of(64, 4);
+  // Prompt 1024 at 10k tokens/s. The holder (#2) has 1000 of it cached; the others have 200
+  // tokens queued: (200 + 1024) / 10k = 122.4 ms.
+  auto with_holder_queue = [&](double queued) {
+    auto cands = idle_candidates(4);
+    for (auto& c : cands) c.queued_tokens = 200;
+    cands[2].cached_tokens = 1000;
+    cands[2].queued_tokens = queued;
+    return cands;
+  };
+  struct Row {
+    double miss_weight;
+    double holder_queue;
+    bool holder_wins;
+  };
+  // The holder wins while its queue < 200 + 1000 x (1 + miss_weight).
+  const Row rows[] = {{0, 1150, true},  {0, 1250, false},  {1, 1250, true},
+                      {1, 2150, true},  {1, 2250, false},  {2, 3150, true},
+                      {2, 3250, false}, {0.5, 1650, true}, {0.5, 1750, false}};
+  for (const Row& r : rows) {
+    KvRouteOptions o;
+    o.tie_fraction = 0;  // the band would blur the boundary
+    o.miss_weight = r.miss_weight;
+    const auto cands = with_holder_queue(r.holder_queue);
+    const auto d = choose_prefill(cands, ring, keys, 16, 1024, o);
+    ASSERT_TRUE(d);
+    EXPECT_EQ(d->reason, KvRouteDecision::Reason::kWarm);
+    EXPECT_EQ(d->chosen == 2, r.holder_wins)
+        << "miss_weight " << r.miss_weight << " queue " << r.holder_queue << ": " << explain(*d);
+    // The decision reports expected TTFTs, not scores (the runner-up of an idle server is
+    // another idle server, at the same price).
+    const double holder_ttft = (r.holder_queue + 24) / 10, other_ttft = 122.4;
+    EXPECT_DOUBLE_EQ(d->chosen_ttft_ms, r.holder_wins ? holder_ttft : other_ttft);
+    EXPECT_DOUBLE_EQ(d->runner_up_ttft_ms, other_ttft);
+  }
+  // Among equally cached candidates the price is the same: the TTFT decides, whatever the weight.
+  // (The tie band is a fraction of the lowest score, which the price raises: 0 here, so that
+  // only the scores decide.)
+  for (const double w : {0.0, 1.0, 10.0}) {
+    auto cands = idle_candidates(4);
+    for (std::size_t i = 0; i < 4; ++i) {
+      cands[i].cached_tokens = 512;
+      cands[i].queued_tokens = 100.0 * double(4 - i);
+    }
+    cands[0].cached_tokens = 0;
+    cands[0].queued_tokens = 0;  // cold but idle: 102.4 ms + w x 102.4
+    KvRouteOptions o;
+    o.tie_fraction = 0;
+    o.miss_weight = w;
+    const auto d = choose_prefill(cands, ring, keys, 16, 1024, o);
+    ASSERT_TRUE(d);
+    // #3 (100 queued + 512) = 61.2 ms is the fastest of the holders, and faster than #0 at any w.
+    EXPECT_EQ(d->chosen, 3u) << w;
+  }
+  // A candidate without a measured speed is not priced (its TTFT is unknown, +inf, anyway), and
+  // a negative or NaN weight counts as 0.
+  for (const double w : {-1.0, std::numeric_limits<double>::quiet_NaN()}) {
+    KvRouteOptions o;
+    o.tie_fraction = 0;
+    o.miss_weight = w;
+    const auto d = choose_prefill(with_holder_queue(1250), ring, keys, 16, 1024, o);
+    EXPECT_NE(d->chosen, 2u) << w;
+  }
+}
+
 TEST(KvRoute, TieRule) {
   const BoundedLoadRing ring(member_ids(4));
   const auto keys = keys_of(64, 5);
@@ -852,14 +921,13 @@ struct SimResult {
 enum class Router { kKvAware, kGreedyLongestPrefix };
 
 SimResult simulate(const std::vector<SimRequest>& requests, std::size_t n, std::size_t groups,
-                   double speed, std::size_t block, Router router) {
+                   double speed, std::size_t block, Router router, const KvRouteOptions& o = {}) {
   const BoundedLoadRing ring(member_ids(n));
   SimCluster cluster(n, speed);
   SimResult r;
   r.share.assign(n, 0);
   r.by_group.resize(groups);
   double cached_tokens = 0, prompt_tokens = 0;
-  const KvRouteOptions o;
   std::vector<KvCandidate> cands(n);
   for (const SimRequest& req : requests) {
     cluster.drain(req.gap_s);
@@ -951,36 +1019,44 @@ TEST(KvRoute, CommonPrefixTrapStaysBalanced) {
   };
   const Row rows[] = {{true, 0.3, false}, {true, 0.5, false},  {true, 0.7, false},
                       {true, 0.9, true},  {false, 0.5, false}, {false, 0.9, true}};
-  for (const Row& row : rows) {
-    for (std::uint64_t seed = 1; seed <= 4; ++seed) {
-      const auto requests = shared_prefix_requests(seed, count, 1, 1000, 100, 1000, row.utilization,
-                                                   row.poisson, speed * n, block);
-      const SimResult kv = simulate(requests, n, 1, speed, block, Router::kKvAware);
-      const SimResult greedy = simulate(requests, n, 1, speed, block, Router::kGreedyLongestPrefix);
-      const char* arrivals = row.poisson ? "poisson" : "regular";
-      std::printf(
-          "[common-prefix trap] %s %.0f%% load seed %llu: kv-aware shares / mean:%s; TTFT mean "
-          "%.0f max %.0f ms; warm %zu cold %zu cold-overflow %zu | greedy: max share %.2f, TTFT "
-          "mean %.0f max %.0f ms\n",
-          arrivals, 100 * row.utilization, static_cast<unsigned long long>(seed),
-          shares_of(kv.share).c_str(), kv.mean_ttft_ms, kv.max_ttft_ms, kv.reasons[0],
-          kv.reasons[1], kv.reasons[2],
-          static_cast<double>(*std::max_element(greedy.share.begin(), greedy.share.end())) /
-              (static_cast<double>(count) / n),
-          greedy.mean_ttft_ms, greedy.max_ttft_ms);
-      const double mean = static_cast<double>(count) / n;
-      // What one instance can serve at this load, as a multiple of the mean share.
-      const double servable = 1 / row.utilization;
-      for (std::size_t i = 0; i < n; ++i) {
-        const double share = static_cast<double>(kv.share[i]) / mean;
-        if (row.balanced) {
-          EXPECT_GE(share, 0.5) << arrivals << " " << row.utilization << " seed " << seed;
-          EXPECT_LE(share, 1.5) << arrivals << " " << row.utilization << " seed " << seed;
+  // The core's defaults (the request's TTFT alone), and the module's kv_aware defaults (misses
+  // priced at twice their compute): the holders keep more, but not everything.
+  KvRouteOptions priced;
+  priced.miss_weight = 2;
+  for (const KvRouteOptions& o : {KvRouteOptions{}, priced}) {
+    for (const Row& row : rows) {
+      for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+        const auto requests = shared_prefix_requests(
+            seed, count, 1, 1000, 100, 1000, row.utilization, row.poisson, speed * n, block);
+        const SimResult kv = simulate(requests, n, 1, speed, block, Router::kKvAware, o);
+        const SimResult greedy =
+            simulate(requests, n, 1, speed, block, Router::kGreedyLongestPrefix);
+        const char* arrivals = row.poisson ? "poisson" : "regular";
+        std::printf(
+            "[common-prefix trap] miss_weight %g, %s %.0f%% load seed %llu: kv-aware shares / "
+            "mean:%s; TTFT mean "
+            "%.0f max %.0f ms; warm %zu cold %zu cold-overflow %zu | greedy: max share %.2f, TTFT "
+            "mean %.0f max %.0f ms\n",
+            o.miss_weight, arrivals, 100 * row.utilization, static_cast<unsigned long long>(seed),
+            shares_of(kv.share).c_str(), kv.mean_ttft_ms, kv.max_ttft_ms, kv.reasons[0],
+            kv.reasons[1], kv.reasons[2],
+            static_cast<double>(*std::max_element(greedy.share.begin(), greedy.share.end())) /
+                (static_cast<double>(count) / n),
+            greedy.mean_ttft_ms, greedy.max_ttft_ms);
+        const double mean = static_cast<double>(count) / n;
+        // What one instance can serve at this load, as a multiple of the mean share.
+        const double servable = 1 / row.utilization;
+        for (std::size_t i = 0; i < n; ++i) {
+          const double share = static_cast<double>(kv.share[i]) / mean;
+          if (row.balanced) {
+            EXPECT_GE(share, 0.5) << arrivals << " " << row.utilization << " seed " << seed;
+            EXPECT_LE(share, 1.5) << arrivals << " " << row.utilization << " seed " << seed;
+          }
+          EXPECT_LT(share, servable) << arrivals << " " << row.utilization << " seed " << seed;
         }
-        EXPECT_LT(share, servable) << arrivals << " " << row.utilization << " seed " << seed;
+        EXPECT_EQ(*std::max_element(greedy.share.begin(), greedy.share.end()), count);
+        EXPECT_LT(kv.max_ttft_ms * 10, greedy.max_ttft_ms);
       }
-      EXPECT_EQ(*std::max_element(greedy.share.begin(), greedy.share.end()), count);
-      EXPECT_LT(kv.max_ttft_ms * 10, greedy.max_ttft_ms);
     }
   }
 }
