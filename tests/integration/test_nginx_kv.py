@@ -471,6 +471,9 @@ class KvConfigTest(unittest.TestCase):
                          "omni_proxy_kv_cache", "topic=x")
         self.check_fails(self.LOC % ("", "omni_proxy_policy kv_aware epsilon=-1;"),
                          "omni_proxy_policy", "epsilon=-1")
+        for bad in ("miss_weight=11", "miss_weight=-0.5", "miss_weight=x", "miss_weight="):
+            self.check_fails(self.LOC % ("", "omni_proxy_policy kv_aware %s;" % bad),
+                             "omni_proxy_policy", bad, "miss_weight=0..10")
         self.check_fails(self.LOC % ("omni_proxy_kv_index_blocks 10;", ""),
                          "omni_proxy_kv_index_blocks")
         self.check_fails("""

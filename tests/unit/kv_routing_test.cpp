@@ -1020,9 +1020,10 @@ TEST(KvRoute, CommonPrefixTrapStaysBalanced) {
   const Row rows[] = {{true, 0.3, false}, {true, 0.5, false},  {true, 0.7, false},
                       {true, 0.9, true},  {false, 0.5, false}, {false, 0.9, true}};
   // The core's defaults (the request's TTFT alone), and the module's kv_aware defaults (misses
-  // priced at twice their compute): the holders keep more, but not everything.
+  // priced at twice their compute, tie 0.05): the holders keep more, but not everything.
   KvRouteOptions priced;
   priced.miss_weight = 2;
+  priced.tie_fraction = 0.05;
   for (const KvRouteOptions& o : {KvRouteOptions{}, priced}) {
     for (const Row& row : rows) {
       for (std::uint64_t seed = 1; seed <= 4; ++seed) {
