@@ -35,7 +35,8 @@ Traces: mooncake and azure (slices of the real traces in ../shared/data) and mul
 synthetic multi-tenant shared-prefix workload (omni-bench --synthetic: 8 tenants' 2,048-token
 system prompts, 32 users each, conversations of up to 4 turns).
 
-A system BASE@K=V+K=V is BASE with parameters added to its policy line: omni_kv@epsilon=0.25.
+A system BASE@K=V+K=V is BASE with parameters added to its policy line (omni_sched: its
+omni_proxy_scheduler line): omni_kv@epsilon=0.25, omni_sched@miss_weight=2.
 
 usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure,multitenant] [--systems ...]
                          [--loads 0.5,1,1.5] [--repeats 2] [--time-scale 0.1] [--docs] [--quick]
@@ -83,14 +84,16 @@ def scheduler_conf(system, time_scale, slo_ttft_ms):
     waits at most for the step in progress and its own); the cost-model defaults are the
     profile's (30 ms per step, ~28 ms per 1000 uncached tokens) until the instances are
     measured."""
-    if system != "omni_sched":
+    base, _, params = system.partition("@")
+    if base != "omni_sched":
         return ""
+    extra = "".join(" " + p for p in params.split("+") if p)
     wall = lambda ms: max(1, int(round(ms * time_scale)))  # noqa: E731
     return ("    omni_proxy_scheduler max_wait=%dms merge=1ms lead=1ms step=%dms per_ktoken=%dms "
-            "batch_tokens=131072 step_target=%dms itl=%dms;\n"
+            "batch_tokens=131072 step_target=%dms itl=%dms%s;\n"
             "    omni_proxy_capacity prefill batch_tokens=131072;\n"
             "    omni_proxy_capacity decode max_seqs=1024;\n"
-            % (wall(slo_ttft_ms), wall(30), wall(28), wall(slo_ttft_ms / 3), wall(48)))
+            % (wall(slo_ttft_ms), wall(30), wall(28), wall(slo_ttft_ms / 3), wall(48), extra))
 # Port layout of a run: HTTP ports from a base, KV-event PUB ports at +100, replay at +200
 # (prefill instances first, decode instances from +10).
 PUB_OFFSET, REPLAY_OFFSET = 100, 200
@@ -174,10 +177,15 @@ class Sim:
 
 def add_variant(name):
     """A system named BASE@K=V+K=V (e.g. omni_kv@epsilon=0) is BASE with those parameters added
-    to its omni_proxy_policy line, so one run can compare a policy's settings."""
+    to its omni_proxy_policy line (omni_sched: to its omni_proxy_scheduler line), so one run can
+    compare a policy's settings."""
     if "@" not in name or name in SYSTEMS:
         return
     base, params = name.split("@", 1)
+    if base == "omni_sched":
+        label, balancer, policy, kv = SYSTEMS[base]
+        SYSTEMS[name] = ("%s %s" % (label, params.replace("+", " ")), balancer, policy, kv)
+        return
     if base not in SYSTEMS or not SYSTEMS[base][2].startswith("omni_proxy_policy "):
         sys.exit("scenario: %r: parameters need a system with an omni_proxy_policy line" % name)
     label, balancer, policy, kv = SYSTEMS[base]

@@ -461,6 +461,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
       o.route.tie_fraction = x;
     } else if (name == "epsilon" && parse_double(text, 0, 10, x)) {
       o.route.epsilon = x;
+    } else if (name == "miss_weight" && parse_double(text, 0, 10, x)) {
+      o.route.miss_weight = x;
     } else if (name == "priority_header" && !text.empty() && text.size() <= 64) {
       sc.priority_header = text;
       std::transform(sc.priority_header.begin(), sc.priority_header.end(),
@@ -475,7 +477,7 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
           "decode_max_wait=TIME, wait_weight=X, length_weight=TIME, release=immediate|boundary, "
           "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, step_target=TIME, "
           "tpot_slo=TIME, "
-          "itl=TIME, tie=X, epsilon=X, priority_header=NAME",
+          "itl=TIME, tie=X, epsilon=X, miss_weight=X, priority_header=NAME",
           &cmd->name, &value[i], kMaxCapacity);
       return static_cast<char*>(NGX_CONF_ERROR);
     }

@@ -629,11 +629,16 @@ struct Scheduler::Impl {
       k.kv_usage = kv_usage(views, b);
       k.ring_load = static_cast<double>(in.out_tokens);
       k.tokens_per_s = 1.0 / step_b(in, o) * 1000.0;
+      // Compared as choose_prefill ranks them: misses priced (KvRouteOptions::miss_weight).
+      double score = k.expected_ms;
+      if (o.route.miss_weight > 0 && k.tokens_per_s > 0 && std::isfinite(k.tokens_per_s)) {
+        score += o.route.miss_weight * 1000.0 * u / k.tokens_per_s;
+      }
       ++n_all;
-      best_all = std::min(best_all, k.expected_ms);
+      best_all = std::min(best_all, score);
       if (force || room(in, st, u, o)) {
         roomy[n_room++] = k;
-        best_room = std::min(best_room, k.expected_ms);
+        best_room = std::min(best_room, score);
       }
     }
     if (n_all == 0) {

@@ -445,6 +445,26 @@ TEST(SchedulerRelease, FullInstancesGetNothingAndWorkGoesToWhicheverFreesFirst) 
   EXPECT_EQ(s.stats().queued, 0u);
 }
 
+// Two servers loaded unevenly: four requests warm on server 1 (they go there), then four cold
+// ones. Returns the busier server and by how many outstanding tokens.
+struct Uneven {
+  std::uint32_t busy = 0;
+  std::uint64_t difference = 0;
+};
+Uneven load_unevenly(Harness& h) {
+  for (int i = 0; i < 4; ++i) h.submit(10000, {0, 10000 - 1});
+  h.tick(0);
+  for (int i = 0; i < 4; ++i) h.submit(10000, {0, 0});
+  h.tick(0);
+  const InstanceStats s0 = h.s.instance_stats(0, h.now, h.o);
+  const InstanceStats s1 = h.s.instance_stats(1, h.now, h.o);
+  Uneven u;
+  u.busy = s0.outstanding_tokens > s1.outstanding_tokens ? 0 : 1;
+  u.difference = u.busy == 0 ? s0.outstanding_tokens - s1.outstanding_tokens
+                             : s1.outstanding_tokens - s0.outstanding_tokens;
+  return u;
+}
+
 TEST(SchedulerRelease, CachedPrefixIsPreferredUnlessItsQueueCostsMore) {
   Fixture f(make_shape(2, 0, 1024));
   Options o = quiet_options();
@@ -465,13 +485,7 @@ TEST(SchedulerRelease, CachedPrefixIsPreferredUnlessItsQueueCostsMore) {
   EXPECT_EQ(h.reqs[*b].server, 0);
   // Load server 1 with ~40k uncached tokens (about 2 s of work): a request with 1k of its 20k
   // tokens cached there goes to server 0 instead, where its queue is short.
-  for (int i = 0; i < 4; ++i) h.submit(10000, {0, 10000 - 1});  // warm on 1: they go there
-  h.tick(0);
-  for (int i = 0; i < 4; ++i) h.submit(10000, {0, 0});
-  h.tick(0);
-  const InstanceStats s0 = s.instance_stats(0, h.now, o);
-  const InstanceStats s1 = s.instance_stats(1, h.now, o);
-  const std::uint32_t busy = s0.outstanding_tokens > s1.outstanding_tokens ? 0 : 1;
+  const std::uint32_t busy = load_unevenly(h).busy;
   std::vector<std::uint32_t> small(2, 0);
   small[busy] = 1000;
   auto c = h.submit(20000, small);
@@ -491,6 +505,33 @@ TEST(SchedulerRelease, CachedPrefixIsPreferredUnlessItsQueueCostsMore) {
       (dd.state == State::kPrefill && static_cast<std::uint32_t>(dd.prefill_server) == busy));
   for (int ms = 0; ms < 10'000 && h.reqs[*d].done == 0; ++ms) h.tick();
   EXPECT_EQ(static_cast<std::uint32_t>(h.reqs[*d].server), busy);
+}
+
+// route.miss_weight prices the uncached prefill in the choice and in the decision to wait. With
+// a queue of D tokens more on one server, a prompt with c tokens cached there goes to the other
+// while c < D unpriced, and waits for the holder once (1 + w) c > D: c = D / 3 does both.
+TEST(SchedulerRelease, MissWeightWaitsForTheHolder) {
+  for (const double weight : {0.0, 10.0}) {
+    Fixture f(make_shape(2, 0, 1024));
+    Options o = quiet_options();
+    Scheduler& s = *f.sched;
+    s.set_limits(0, {16384, 0});
+    s.set_limits(1, {16384, 0});
+    Harness h(s, o, {SimEngine{10, 0.05, 16384}, SimEngine{10, 0.05, 16384}});
+    const Uneven u = load_unevenly(h);
+    const std::uint32_t busy = u.busy;
+    const std::uint64_t d = u.difference;
+    ASSERT_GT(d, 6000u) << weight;
+    std::vector<std::uint32_t> cached(2, 0);
+    cached[busy] = static_cast<std::uint32_t>(d / 3);
+    h.o.route.miss_weight = weight;
+    auto r = h.submit(20000, cached);
+    ASSERT_TRUE(r) << weight;
+    for (int ms = 0; ms < 20'000 && h.reqs[*r].done == 0; ++ms) h.tick();
+    ASSERT_NE(h.reqs[*r].done, 0u) << weight;
+    EXPECT_EQ(static_cast<std::uint32_t>(h.reqs[*r].server) == busy, weight > 0)
+        << "weight " << weight << " queue difference " << d;
+  }
 }
 
 TEST(SchedulerRelease, BoundaryModeHoldsUntilTheStepIsAboutToEnd) {
