@@ -64,9 +64,9 @@ struct KvPolicyOptions {
   // crude way of counting the cluster's compute, which miss_weight now prices.)
   double tie_fraction = 0.05;
   // Price of a warm choice's uncached prefill compute, in units of the request's own TTFT
-  // (omni::KvRouteOptions::miss_weight). 2: on Mooncake x1 the hit rate rose from 12.6% to
-  // 14.3-14.9% of a 15.6% bound, and goodput at x1.5 from 3.19-3.41 to 3.31-3.52 req/s;
-  // multi-tenant x2 TTFT p99 2997 -> 2545 ms (docs/benchmarks.md, "Pricing misses").
+  // (omni::KvRouteOptions::miss_weight). 2: on Mooncake x1 the hit rate rose from 12.3-13.4%
+  // to 14.3-14.6% of a 15.6% bound, and goodput at x1.5 by about 5%; multi-tenant TTFT p99
+  // level within the repeats' spread (docs/benchmarks.md, "Pricing misses").
   double miss_weight = 2;
   double kv_usage_high = 0.95;     // KV usage at which an instance is avoided
   double prefill_tps = 20000;      // prefill speed assumed before one is measured, tokens/s
