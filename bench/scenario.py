@@ -28,8 +28,8 @@ rate on the prefill instances (the one that saves prefill work), and the workloa
 rate (one shared cache of the cluster's total prefill capacity) is computed by omni-bench
 --dry-run. Outputs, in --out: one folder per run (summary.json, requests.csv, nginx's
 error.log and decisions.log: per request, both legs' servers, the prefill engine's predicted
-and reported cached tokens and the route explanations), results.json, report.md (the tables) and, with python3-matplotlib, the plots
-(SVG). --docs also copies the plots to docs/img/.
+and reported cached tokens and the route explanations), results.json, report.md (the tables)
+and, with python3-matplotlib, the plots (SVG). --docs also copies the plots to docs/img/.
 
 Traces: mooncake and azure (slices of the real traces in ../shared/data) and multitenant, a
 synthetic multi-tenant shared-prefix workload (omni-bench --synthetic: 8 tenants' 2,048-token
@@ -182,14 +182,14 @@ def add_variant(name):
     if "@" not in name or name in SYSTEMS:
         return
     base, params = name.split("@", 1)
-    if base == "omni_sched":
+    params = params.replace("+", " ")
+    if base == "omni_sched":  # scheduler_conf() puts the parameters on its own line
         label, balancer, policy, kv = SYSTEMS[base]
-        SYSTEMS[name] = ("%s %s" % (label, params.replace("+", " ")), balancer, policy, kv)
+        SYSTEMS[name] = ("%s %s" % (label, params), balancer, policy, kv)
         return
     if base not in SYSTEMS or not SYSTEMS[base][2].startswith("omni_proxy_policy "):
         sys.exit("scenario: %r: parameters need a system with an omni_proxy_policy line" % name)
     label, balancer, policy, kv = SYSTEMS[base]
-    params = params.replace("+", " ")
     SYSTEMS[name] = ("%s %s" % (label, params), balancer,
                      "%s %s;" % (policy.rstrip(";"), params), kv)
 

@@ -315,6 +315,13 @@ double tie_limit(double low, double fraction) noexcept {
 
 }  // namespace
 
+double miss_price_ms(double uncached_tokens, double tokens_per_s,
+                     const KvRouteOptions& o) noexcept {
+  if (!(o.miss_weight > 0) || !std::isfinite(o.miss_weight)) return 0;
+  if (!(tokens_per_s > 0) || !std::isfinite(tokens_per_s)) return 0;
+  return o.miss_weight * 1000.0 * nonneg(uncached_tokens) / tokens_per_s;
+}
+
 double expected_ttft_ms(const KvCandidate& c, std::uint32_t prompt_tokens,
                         const KvRouteOptions& o) noexcept {
   return variable_ttft_ms(c, prompt_tokens, o) + o.fixed_overhead_ms;
@@ -389,14 +396,10 @@ std::optional<KvRouteDecision> choose_prefill(std::span<const KvCandidate> candi
   // Warm.
   d.reason = KvRouteDecision::Reason::kWarm;
   Scratch<double, kInline> ttft(candidates.size(), 0.0), score(candidates.size(), 0.0);
-  const double miss_weight = finite_nonneg(options.miss_weight) ? options.miss_weight : 0.0;
   for (std::size_t j = 0; j < candidates.size(); ++j) {
     ttft[j] = variable_ttft_ms(candidates[j], prompt_tokens, options);
-    score[j] = ttft[j];
-    const double speed = candidates[j].tokens_per_s;
-    if (miss_weight > 0 && speed > 0 && std::isfinite(speed)) {
-      score[j] += miss_weight * 1000.0 * double(prompt_tokens - cached(j)) / speed;
-    }
+    score[j] = ttft[j] + miss_price_ms(double(prompt_tokens - cached(j)),
+                                       candidates[j].tokens_per_s, options);
   }
   LazyRanks rank(ring, d.ring_key, eligible.span());
 

@@ -630,10 +630,7 @@ struct Scheduler::Impl {
       k.ring_load = static_cast<double>(in.out_tokens);
       k.tokens_per_s = 1.0 / step_b(in, o) * 1000.0;
       // Compared as choose_prefill ranks them: misses priced (KvRouteOptions::miss_weight).
-      double score = k.expected_ms;
-      if (o.route.miss_weight > 0 && k.tokens_per_s > 0 && std::isfinite(k.tokens_per_s)) {
-        score += o.route.miss_weight * 1000.0 * u / k.tokens_per_s;
-      }
+      const double score = k.expected_ms + miss_price_ms(u, k.tokens_per_s, o.route);
       ++n_all;
       best_all = std::min(best_all, score);
       if (force || room(in, st, u, o)) {

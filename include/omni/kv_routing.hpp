@@ -196,6 +196,11 @@ std::string explain(const KvRouteDecision& decision);
 double expected_ttft_ms(const KvCandidate& c, std::uint32_t prompt_tokens,
                         const KvRouteOptions& o) noexcept;
 
+// The miss_weight price of computing `uncached_tokens` at `tokens_per_s`, ms (what a warm
+// choice adds to a candidate's expected TTFT to rank it): 0 when miss_weight is not a positive
+// finite number or tokens_per_s is not a positive finite speed.
+double miss_price_ms(double uncached_tokens, double tokens_per_s, const KvRouteOptions& o) noexcept;
+
 // The prefill choice. `candidates` non-empty (else nullopt). `ring` is the pool's ring;
 // candidate.index are its member indices (candidates is a subset: members not listed are
 // ineligible). `prefix_keys` are the request's chained block keys (key i covers blocks 0..i),
