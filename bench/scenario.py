@@ -87,7 +87,8 @@ def scheduler_conf(system, time_scale, slo_ttft_ms):
     base, _, params = system.partition("@")
     if base != "omni_sched":
         return ""
-    extra = "".join(" " + p for p in params.split("+") if p)
+    extra = "".join(" " + p for p in params.split("+")
+                    if p and p.split("=")[0] not in KV_CACHE_PARAMS)
     wall = lambda ms: max(1, int(round(ms * time_scale)))  # noqa: E731
     return ("    omni_proxy_scheduler max_wait=%dms merge=1ms lead=1ms step=%dms per_ktoken=%dms "
             "batch_tokens=131072 step_target=%dms itl=%dms%s;\n"
@@ -175,30 +176,43 @@ class Sim:
         self.log.close()
 
 
+# Parameters of omni_proxy_kv_cache rather than of the policy or the scheduler.
+KV_CACHE_PARAMS = ("pending",)
+
+
 def add_variant(name):
     """A system named BASE@K=V+K=V (e.g. omni_kv@epsilon=0) is BASE with those parameters added
-    to its omni_proxy_policy line (omni_sched: to its omni_proxy_scheduler line), so one run can
-    compare a policy's settings."""
+    to its omni_proxy_policy line (omni_sched: to its omni_proxy_scheduler line; pending=: to
+    its omni_proxy_kv_cache lines), so one run can compare a policy's settings."""
     if "@" not in name or name in SYSTEMS:
         return
     base, params = name.split("@", 1)
-    params = params.replace("+", " ")
-    if base == "omni_sched":  # scheduler_conf() puts the parameters on its own line
-        label, balancer, policy, kv = SYSTEMS[base]
-        SYSTEMS[name] = ("%s %s" % (label, params), balancer, policy, kv)
-        return
-    if base not in SYSTEMS or not SYSTEMS[base][2].startswith("omni_proxy_policy "):
-        sys.exit("scenario: %r: parameters need a system with an omni_proxy_policy line" % name)
+    if base not in SYSTEMS:
+        sys.exit("scenario: %r: unknown system %r" % (name, base))
     label, balancer, policy, kv = SYSTEMS[base]
-    SYSTEMS[name] = ("%s %s" % (label, params), balancer,
-                     "%s %s;" % (policy.rstrip(";"), params), kv)
+    split = [p for p in params.split("+") if p]
+    cache = [p for p in split if p.split("=")[0] in KV_CACHE_PARAMS]
+    own = [p for p in split if p not in cache]
+    if cache:
+        if kv != "events":
+            sys.exit("scenario: %r: %s need a system reading KV events" % (name, " ".join(cache)))
+        kv = " ".join([kv] + cache)
+    label = "%s %s" % (label, " ".join(split))
+    if base == "omni_sched" or not own:  # scheduler_conf() puts its parameters on its own line
+        SYSTEMS[name] = (label, balancer, policy, kv)
+        return
+    if not policy.startswith("omni_proxy_policy "):
+        sys.exit("scenario: %r: parameters need a system with an omni_proxy_policy line" % name)
+    SYSTEMS[name] = (label, balancer, "%s %s;" % (policy.rstrip(";"), " ".join(own)), kv)
 
 
 def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports, sched=""):
     _, balancer, policy, kv = SYSTEMS[system]
-    if kv == "events":
-        kv_conf = "".join("    omni_proxy_kv_cache %s events pub_port_offset=%d replay_port_offset=%d;\n"
-                          % (name, PUB_OFFSET, REPLAY_OFFSET) for name in ("prefill", "decode"))
+    kv_mode, _, kv_extra = (kv or "").partition(" ")
+    if kv_mode == "events":
+        kv_conf = "".join("    omni_proxy_kv_cache %s events pub_port_offset=%d replay_port_offset=%d%s;\n"
+                          % (name, PUB_OFFSET, REPLAY_OFFSET, " " + kv_extra if kv_extra else "")
+                          for name in ("prefill", "decode"))
     elif kv == "approximate":
         kv_conf = "".join("    omni_proxy_kv_cache %s approximate block_size=%d;\n" % (name, BLOCK_SIZE)
                           for name in ("prefill", "decode"))

@@ -10,8 +10,13 @@
 // `events` block. The thread applies each batch to the index and beats the lease; when the
 // worker dies (kill -9) another worker's lease timer sees the heartbeat go stale and starts a
 // subscriber that resumes from the last sequence number applied, asking the engines' replay
-// sockets for what it missed. Approximate: the balancer records each routed prompt's blocks for
-// the chosen server, bounded by the engine's capacity (num_gpu_blocks) as an LRU.
+// sockets for what it missed. Events lag the routing: a prompt's blocks are published only as
+// the engine prefills them, so a second request with the same prefix, arriving while the first
+// still waits or prefills, would see no holder. So each prompt sent is also recorded as pending
+// on its server (a second, smaller index, one tagged chain per request, omni/kv_index.hpp) until
+// its prefill ends; a server's predicted cache is the longer of its evented and pending matches
+// (`pending=off` turns this off). Approximate: the balancer records each routed prompt's blocks
+// for the chosen server, bounded by the engine's capacity (num_gpu_blocks) as an LRU.
 //
 // The decision (omni/kv_routing.hpp): eligible prefill servers are scored by expected time to
 // first token: the uncached tokens queued there (the proxy's own in-flight accounting, or the
@@ -69,6 +74,9 @@ struct BackendShared {
   Atomic64 predictions, predicted_tokens, actual_tokens, abs_error_tokens, within_block;
   Atomic64 speed_bits;        // double: EWMA of solo prefill speed, tokens/s; 0: none yet
   Atomic64 speed_samples;
+  // Prefill legs sent whose predicted cache there came (partly) from pending prompts, and the
+  // tokens the pending index added to the prediction.
+  Atomic64 pending_legs, pending_tokens;
   Atomic64 chosen[kReasons];  // decisions that chose this server, by reason
 };
 
@@ -214,6 +222,8 @@ class IndexSink final : public omni::kv::KvSink {
 
 struct Runtime {
   std::unique_ptr<omni::kv::KvIndex> index;
+  std::unique_ptr<omni::kv::KvIndex> pending;  // events pools' prompts still prefilling
+  std::uint64_t pending_seq = 0;               // this worker's pending tags
   SharedView shared;
   std::int32_t row = -1;
   std::vector<std::unique_ptr<omni::BoundedLoadRing>> rings;  // per pool (kv pools only)
@@ -348,6 +358,19 @@ std::uint32_t cached_tokens(std::size_t matched_blocks, const omni::PrefixKeys& 
   return static_cast<std::uint32_t>(std::min(matched_blocks, usable) * keys.block_units);
 }
 
+// Blocks of `keys` a server is predicted to hold: its index's match, or, in an events pool that
+// tracks pending prompts, the longer match among the prompts still prefilling there (they are
+// cached by the time a request sent now is scheduled behind them).
+std::size_t matched_blocks(const Pool& pool, std::uint32_t backend, const omni::PrefixKeys& keys) {
+  const Runtime& r = rt();
+  if (r.index == nullptr || pool.kv_mode == KvMode::kNone) return 0;
+  std::size_t m = r.index->match(backend, keys.blocks);
+  if (pool.kv_pending && r.pending != nullptr && m < keys.blocks.size()) {
+    m = std::max(m, r.pending->match(backend, keys.blocks));
+  }
+  return m;
+}
+
 const omni::BoundedLoadRing* ring_of(const Pool& pool) {
   Runtime& r = rt();
   if (pool.kv_pool_index >= r.rings.size()) return nullptr;
@@ -376,7 +399,6 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
                           KvRequest& kv, KvExplain& ex) {
   Runtime& r = rt();
   const omni::BoundedLoadRing* ring = ring_of(pool);
-  const omni::kv::KvIndex* idx = r.index.get();
   const omni::PrefixKeys& keys = kv.keys[0];
   ex = {};
   ex.cached_by_server.assign(pool.count, 0);
@@ -399,9 +421,7 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
     const auto backend = static_cast<std::uint32_t>(pool.base + i);
     omni::KvCandidate c;
     c.index = i;
-    if (idx != nullptr && pool.kv_mode != KvMode::kNone) {
-      c.cached_tokens = cached_tokens(idx->match(backend, keys.blocks), keys, kv.prompt_tokens);
-    }
+    c.cached_tokens = cached_tokens(matched_blocks(pool, backend, keys), keys, kv.prompt_tokens);
     ex.cached_by_server[i] = c.cached_tokens;
     double queued = r.shared.hdr != nullptr ? double(r.shared.inflight_tokens(backend)) : 0.0;
     const omni::EngineLoad& load = snap[i].load;
@@ -448,9 +468,7 @@ std::int32_t pick_prefill(const Pool& pool, const omni::PoolSnapshot& snap,
 std::int32_t pick_decode(const Pool& pool, const omni::PoolSnapshot& snap,
                          std::span<const std::size_t> eligible, const KvPolicyOptions& o,
                          KvRequest& kv, std::uint64_t request_hash, KvExplain& ex) {
-  Runtime& r = rt();
   const omni::BoundedLoadRing* ring = ring_of(pool);
-  const omni::kv::KvIndex* idx = r.index.get();
   const omni::PrefixKeys& keys = kv.keys[1];
   ex = {};
   ex.cached_by_server.assign(pool.count, 0);
@@ -460,9 +478,7 @@ std::int32_t pick_decode(const Pool& pool, const omni::PoolSnapshot& snap,
     const auto backend = static_cast<std::uint32_t>(pool.base + i);
     omni::DecodeCandidate c;
     c.index = i;
-    if (idx != nullptr && pool.kv_mode != KvMode::kNone) {
-      c.cached_tokens = cached_tokens(idx->match(backend, keys.blocks), keys, kv.prompt_tokens);
-    }
+    c.cached_tokens = cached_tokens(matched_blocks(pool, backend, keys), keys, kv.prompt_tokens);
     ex.cached_by_server[i] = c.cached_tokens;
     c.outstanding = double(snap[i].outstanding) / std::max<std::uint32_t>(1, snap[i].weight);
     const omni::EngineLoad& load = snap[i].load;
@@ -498,7 +514,7 @@ std::int32_t pick_decode(const Pool& pool, const omni::PoolSnapshot& snap,
 // ---------------------------------------------------------------------------------------------
 
 // omni_proxy_kv_cache UPSTREAM events|approximate [pub_port_offset=N] [replay_port_offset=N]
-//                     [topic=T] [block_size=N] [max_blocks=N]
+//                     [topic=T] [pending=on|off] [block_size=N] [max_blocks=N]
 char* set_kv_cache(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try {
   auto* mcf = static_cast<MainConf*>(conf);
   auto* value = static_cast<ngx_str_t*>(cf->args->elts);
@@ -545,13 +561,16 @@ char* set_kv_cache(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try 
       d.block_size = static_cast<std::uint32_t>(n);
     } else if (name == "max_blocks" && integer && n >= 16 && n <= (1L << 24)) {
       d.max_blocks = static_cast<std::uint32_t>(n);
+    } else if (events && name == "pending" && (text == "on" || text == "off")) {
+      d.pending = text == "on";
     } else {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"%V\": invalid parameter \"%V\"; use %s block_size=1..4096, "
                          "max_blocks=16..16777216",
                          &cmd->name, &value[i],
                          d.mode == KvMode::kEvents
-                             ? "pub_port_offset=N, replay_port_offset=N, topic=T,"
+                             ? "pub_port_offset=N, replay_port_offset=N, topic=T, "
+                               "pending=on|off,"
                              : "(approximate mode)");
       return static_cast<char*>(NGX_CONF_ERROR);
     }
@@ -595,6 +614,7 @@ bool kv_finalize(ngx_conf_t* cf, Registry& reg) noexcept try {
     pool->kv_topic = d.topic;
     pool->kv_block_size = d.block_size;
     pool->kv_max_blocks = d.max_blocks;
+    pool->kv_pending = d.mode == KvMode::kEvents && d.pending;
     reg.kv_blocks = 1;  // an index is needed; sized below
   }
   for (Pool& p : reg.pools) {
@@ -605,6 +625,11 @@ bool kv_finalize(ngx_conf_t* cf, Registry& reg) noexcept try {
         ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_proxy_module));
     reg.kv_blocks = mcf->kv_blocks == NGX_CONF_UNSET_UINT ? 65536
                                                           : static_cast<std::uint32_t>(mcf->kv_blocks);
+    // Pending prompts: half the index's bound per server (prompts queued or prefilling there).
+    reg.kv_pending_blocks = 0;
+    for (const Pool& p : reg.pools) {
+      if (p.kv_pending) reg.kv_pending_blocks = std::max<std::uint32_t>(1024, reg.kv_blocks / 2);
+    }
     if (mcf->zone == nullptr) {
       ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                          "\"omni_proxy_policy kv_aware\" and \"omni_proxy_kv_cache\" need "
@@ -618,12 +643,27 @@ bool kv_finalize(ngx_conf_t* cf, Registry& reg) noexcept try {
   return false;
 }
 
-std::size_t kv_index_bytes(const Registry& reg) noexcept {
-  if (reg.kv_blocks == 0) return 0;
+namespace {
+// The region holds the index, then (when some events pool tracks pending prompts) the pending
+// index, each 8-byte aligned.
+omni::kv::KvIndexShape index_shape(const Registry& reg, std::uint32_t blocks) {
   omni::kv::KvIndexShape shape;
   shape.instances = std::max<std::uint32_t>(1, reg.state_config.max_backends);
-  shape.blocks_per_instance = reg.kv_blocks;
-  return omni::kv::KvIndex::required_bytes(shape);
+  shape.blocks_per_instance = blocks;
+  return shape;
+}
+std::size_t main_index_bytes(const Registry& reg) {
+  return align8(omni::kv::KvIndex::required_bytes(index_shape(reg, reg.kv_blocks)));
+}
+}  // namespace
+
+std::size_t kv_index_bytes(const Registry& reg) noexcept {
+  if (reg.kv_blocks == 0) return 0;
+  std::size_t n = main_index_bytes(reg);
+  if (reg.kv_pending_blocks != 0) {
+    n += omni::kv::KvIndex::required_bytes(index_shape(reg, reg.kv_pending_blocks));
+  }
+  return n;
 }
 
 std::size_t kv_shared_bytes(const Registry& reg) noexcept {
@@ -634,11 +674,17 @@ std::size_t kv_shared_bytes(const Registry& reg) noexcept {
 
 bool kv_create(void* index_region, std::size_t index_bytes, void* shared_region,
                std::size_t shared_bytes, const Registry& reg, ngx_log_t* log) noexcept try {
-  omni::kv::KvIndexShape shape;
-  shape.instances = std::max<std::uint32_t>(1, reg.state_config.max_backends);
-  shape.blocks_per_instance = reg.kv_blocks;
-  auto index = omni::kv::KvIndex::create(index_region, index_bytes, shape);
+  const omni::kv::KvIndexShape shape = index_shape(reg, reg.kv_blocks);
+  const std::size_t main_bytes = main_index_bytes(reg);
+  if (index_bytes < main_bytes) return false;
+  auto index = omni::kv::KvIndex::create(index_region, main_bytes, shape);
   if (index == nullptr) return false;
+  if (reg.kv_pending_blocks != 0 &&
+      omni::kv::KvIndex::create(static_cast<char*>(index_region) + main_bytes,
+                                index_bytes - main_bytes,
+                                index_shape(reg, reg.kv_pending_blocks)) == nullptr) {
+    return false;
+  }
   for (const Pool& p : reg.pools) {
     for (std::uint16_t i = 0; i < p.count; ++i) {
       if (p.kv_block_size != 0) index->set_block_size(p.base + i, p.kv_block_size);
@@ -662,13 +708,20 @@ void kv_init_process(ngx_cycle_t* cycle, void* index_region, std::size_t index_b
   const Registry* reg = registry();
   r.log = cycle->log;
   if (reg == nullptr || index_region == nullptr || shared_region == nullptr) return;
-  r.index = omni::kv::KvIndex::attach(index_region, index_bytes);
+  const std::size_t main_bytes = main_index_bytes(*reg);
+  r.index = index_bytes >= main_bytes ? omni::kv::KvIndex::attach(index_region, main_bytes)
+                                      : nullptr;
+  r.pending = reg->kv_pending_blocks != 0 && r.index != nullptr
+                  ? omni::kv::KvIndex::attach(static_cast<char*>(index_region) + main_bytes,
+                                              index_bytes - main_bytes)
+                  : nullptr;
   auto* hdr = static_cast<SharedHeader*>(shared_region);
   if (r.index == nullptr || hdr->magic != kKvMagic ||
       shared_bytes < shared_bytes_for(hdr->backends, hdr->pools)) {
     ngx_log_error(NGX_LOG_ALERT, cycle->log, 0,
                   "omni_proxy: the KV index is missing from the zone; kv_aware routes by load");
     r.index.reset();
+    r.pending.reset();
     return;
   }
   r.shared = view_of(shared_region);
@@ -717,6 +770,7 @@ void kv_exit_process() noexcept {
   }
   r.row = -1;
   r.rings.clear();
+  r.pending.reset();
   r.index.reset();
   r.shared = {};
 }
@@ -730,7 +784,12 @@ void kv_reclaim() noexcept {
     for (std::uint32_t b = 0; b < r.shared.hdr->backends; ++b) {
       r.shared.tokens[row * r.shared.hdr->backends + b].store(0);
     }
-    r.shared.hdr->row_pid[row].compare_exchange_strong(pid, 0);
+    if (r.shared.hdr->row_pid[row].compare_exchange_strong(pid, 0) && r.pending != nullptr) {
+      // The dead worker's pending chains would stay until pushed out; they cannot be told
+      // from the others', so every server's pending index starts again (the live workers'
+      // removals of chains no longer there are harmless).
+      for (std::uint32_t b = 0; b < r.pending->instances(); ++b) r.pending->clear(b);
+    }
   }
 }
 
@@ -798,13 +857,10 @@ std::int32_t kv_pick(const Pool& pool, const omni::PoolSnapshot& snap,
 void kv_cached_by_server(const Pool& pool, const KvRequest& kv, int which,
                          std::vector<std::uint32_t>& out) noexcept {
   out.assign(pool.count, 0);
-  const omni::kv::KvIndex* idx = rt().index.get();
-  if (idx == nullptr || pool.kv_mode == KvMode::kNone || !kv.keyed || which < 0 || which > 1) {
-    return;
-  }
+  if (!kv.keyed || which < 0 || which > 1) return;
   const omni::PrefixKeys& keys = kv.keys[which];
   for (std::uint16_t i = 0; i < pool.count; ++i) {
-    out[i] = cached_tokens(idx->match(pool.base + i, keys.blocks), keys, kv.prompt_tokens);
+    out[i] = cached_tokens(matched_blocks(pool, pool.base + i, keys), keys, kv.prompt_tokens);
   }
 }
 
@@ -857,13 +913,33 @@ void kv_record_choice(const Pool& pool, KvRequest& kv, int which, std::int32_t s
 void kv_prefill_sent(KvRequest& kv, const Pool& pool, std::int32_t server) noexcept {
   Runtime& r = rt();
   kv_prefill_done(kv);  // a retry moves the accounting to the new server
-  if (r.shared.hdr == nullptr || r.row < 0 || server < 0 || !kv.keyed) return;
+  if (r.shared.hdr == nullptr || server < 0 || server >= pool.count || !kv.keyed) return;
   const KvExplain& ex = kv.route[0];
   std::uint32_t cached = 0;
   if (static_cast<std::size_t>(server) < ex.cached_by_server.size()) {
     cached = ex.cached_by_server[static_cast<std::size_t>(server)];
   }
   const auto backend = static_cast<std::uint32_t>(pool.base + server);
+  const omni::PrefixKeys& keys = kv.keys[0];
+  if (pool.kv_pending && r.pending != nullptr && !keys.blocks.empty()) {
+    // How much of the prediction the pending prompts made (the index alone would say less).
+    const std::uint32_t evented = r.index != nullptr
+        ? cached_tokens(r.index->match(backend, keys.blocks), keys, kv.prompt_tokens)
+        : 0;
+    if (cached > evented) {
+      r.shared.backends[backend].pending_legs.fetch_add(1, std::memory_order_relaxed);
+      r.shared.backends[backend].pending_tokens.fetch_add(cached - evented,
+                                                          std::memory_order_relaxed);
+    }
+    // Tags: this worker's pid and sequence, so no two requests of the zone share one.
+    const std::uint64_t tag =
+        omni::mix64((std::uint64_t(std::uint32_t(ngx_pid)) << 40) ^ ++r.pending_seq) | 1;
+    if (r.pending->store_tagged_chain(backend, keys.blocks, tag)) {
+      kv.pending_backend = static_cast<std::int32_t>(backend);
+      kv.pending_tag = tag;
+    }
+  }
+  if (r.row < 0) return;
   const std::int64_t tokens = std::max<std::int64_t>(0, std::int64_t(kv.prompt_tokens) - cached);
   kv.solo = r.shared.inflight_tokens(backend) == 0;
   r.shared.tokens[std::uint32_t(r.row) * r.shared.hdr->backends + backend].fetch_add(tokens);
@@ -874,6 +950,13 @@ void kv_prefill_sent(KvRequest& kv, const Pool& pool, std::int32_t server) noexc
 
 void kv_prefill_done(KvRequest& kv) noexcept {
   Runtime& r = rt();
+  if (kv.pending_backend >= 0 && r.pending != nullptr) {
+    // Its blocks are in the engine's cache now, and their events on the way (or already applied).
+    r.pending->remove_tagged_chain(static_cast<std::uint32_t>(kv.pending_backend),
+                                   kv.keys[0].blocks, kv.pending_tag);
+  }
+  kv.pending_backend = -1;
+  kv.pending_tag = 0;
   if (kv.accounted_backend < 0) return;
   if (r.shared.hdr != nullptr && r.row >= 0) {
     r.shared.tokens[std::uint32_t(r.row) * r.shared.hdr->backends +
@@ -1004,6 +1087,14 @@ nlohmann::json kv_status_json() {
       nlohmann::json chosen;
       for (int k = 0; k < kReasons; ++k) chosen[kReasonNames[k]] = b.chosen[k].load();
       s["chosen"] = std::move(chosen);
+      if (p.kv_pending && r.pending != nullptr) {
+        const omni::kv::InstanceCounters pc = r.pending->counters(backend);
+        s["pending"] = {{"blocks", pc.blocks},
+                        {"bound", pc.bound},
+                        {"evicted", pc.evicted},
+                        {"legs", b.pending_legs.load()},
+                        {"tokens", b.pending_tokens.load()}};
+      }
       if (p.kv_mode == KvMode::kEvents) {
         const std::uint64_t last = b.last_batch_unix_ms.load();
         s["feed"] = {{"batches", b.batches.load()},
@@ -1043,6 +1134,7 @@ nlohmann::json kv_status_json() {
     }
     pools.push_back({{"name", p.name},
                      {"mode", p.kv_mode == KvMode::kEvents ? "events" : "approximate"},
+                     {"pending", p.kv_pending},
                      {"block_size", block_size_of(p)},
                      {"decisions", std::move(decisions)},
                      {"last_decision", std::move(last)},
@@ -1072,9 +1164,13 @@ void kv_render_metrics(omni::prom::TextWriter& w) {
   auto labels = [](const Row& row) -> omni::prom::Labels {
     return {{"pool", row.pool->name}, {"backend", row.pool->servers[row.i].name}};
   };
-  auto family = [&](const char* name, const char* type, const char* help, auto value) {
+  auto family_of = [&](const std::vector<Row>& of, const char* name, const char* type,
+                       const char* help, auto value) {
     w.family(name, type, help);
-    for (const Row& row : rows) w.sample(name, labels(row), static_cast<double>(value(row)));
+    for (const Row& row : of) w.sample(name, labels(row), static_cast<double>(value(row)));
+  };
+  auto family = [&](const char* name, const char* type, const char* help, auto value) {
+    family_of(rows, name, type, help, value);
   };
   family("omni_proxy_kv_index_blocks", "gauge", "Blocks the KV index holds for the server.",
          [](const Row& x) { return x.c.blocks; });
@@ -1111,6 +1207,22 @@ void kv_render_metrics(omni::prom::TextWriter& w) {
   family("omni_proxy_kv_inflight_uncached_tokens", "gauge",
          "Predicted uncached prompt tokens the proxy sent the server that are still prefilling.",
          [&r](const Row& x) { return r.shared.inflight_tokens(x.pool->base + x.i); });
+  std::vector<Row> pending_rows;
+  for (const Row& row : rows) {
+    if (row.pool->kv_pending && r.pending != nullptr) pending_rows.push_back(row);
+  }
+  if (!pending_rows.empty()) {
+    family_of(pending_rows, "omni_proxy_kv_pending_blocks", "gauge",
+              "Blocks of prompts sent to the server and still prefilling (events pools).",
+              [&r](const Row& x) { return r.pending->counters(x.pool->base + x.i).blocks; });
+    family_of(pending_rows, "omni_proxy_kv_pending_legs_total", "counter",
+              "Prefill legs whose predicted cache there came partly from prompts still "
+              "prefilling.",
+              [](const Row& x) { return x.b->pending_legs.load(); });
+    family_of(pending_rows, "omni_proxy_kv_pending_tokens_total", "counter",
+              "Cached tokens those legs were predicted beyond what the events showed.",
+              [](const Row& x) { return x.b->pending_tokens.load(); });
+  }
   family("omni_proxy_kv_prediction_requests_total", "counter",
          "Requests whose predicted cached tokens were compared with the engine's report.",
          [](const Row& x) { return x.b->predictions.load(); });

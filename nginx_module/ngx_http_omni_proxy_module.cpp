@@ -43,7 +43,7 @@ using omni::ngx::log_exception;
 constexpr size_t kZoneMinPages = 8;                        // nginx's slab allocator minimum
 constexpr size_t kZoneMaxSize = size_t{1} << 30;           // 1 GiB
 constexpr uint64_t kZoneMagic = 0x6f6d6e6970726f78ULL;     // "omniprox"
-constexpr uint32_t kZoneLayoutVersion = 6;
+constexpr uint32_t kZoneLayoutVersion = 7;
 constexpr std::uint32_t kMaxOwners = 64;                   // worker pids holding slots at once
 constexpr size_t kDefaultMaxBodySize = 8u << 20;           // 8 MiB
 constexpr size_t kMaxBodySizeLimit = 256u << 20;           // 256 MiB
@@ -701,7 +701,7 @@ std::size_t prefix_table_bytes(const Registry& reg) {
 
 // FNV-1a over the state config: a changed backend or group set needs a fresh zone.
 uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entries,
-                     std::uint64_t kv_blocks, std::uint64_t sched_bytes) {
+                     std::uint64_t kv_index_bytes, std::uint64_t sched_bytes) {
   uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::string_view s) {
     for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ULL;
@@ -709,7 +709,7 @@ uint64_t fingerprint(const omni::SharedStateConfig& c, std::uint64_t prefix_entr
   };
   mix(std::to_string(kZoneLayoutVersion));
   mix(std::to_string(prefix_entries));
-  mix(std::to_string(kv_blocks));
+  mix(std::to_string(kv_index_bytes));
   mix(std::to_string(sched_bytes));
   mix(std::to_string(c.max_backends) + "/" + std::to_string(c.max_owners) + "/" +
       std::to_string(c.max_groups));
@@ -803,7 +803,7 @@ char* finalize_registry(ngx_conf_t* cf) noexcept try {
   if (!omni::ngx::sched_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
   if (!omni::ngx::kv_finalize(cf, reg)) return static_cast<char*>(NGX_CONF_ERROR);
   reg.fingerprint =
-      fingerprint(sc, reg.prefix_entries, reg.kv_blocks, omni::ngx::sched_bytes(reg));
+      fingerprint(sc, reg.prefix_entries, omni::ngx::kv_index_bytes(reg), omni::ngx::sched_bytes(reg));
   omni::ngx::install_balancer(reg);
   if (!reg.groups.empty() && mcf->zone == nullptr) {
     return conf_error(cf, "\"omni_proxy_max_inflight\" needs \"omni_proxy_zone\": the limits "

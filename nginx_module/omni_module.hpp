@@ -97,6 +97,7 @@ struct Pool {
   std::string kv_topic;              // events: SUB topic prefix
   std::uint32_t kv_block_size = 0;   // tokens per block; 0: learned from the engines
   std::uint32_t kv_max_blocks = 0;   // per-server bound; 0: the engine's num_gpu_blocks
+  bool kv_pending = false;           // events: prompts sent count as cached until prefilled
   std::uint16_t kv_pool_index = 0;   // position among the registry's pools
   struct Server {
     std::string name;  // host:port as nginx prints it
@@ -125,6 +126,7 @@ struct Registry {
   omni::SharedStateConfig state_config;
   std::uint64_t prefix_entries = 0;  // entries of the shared prefix table; 0: no table
   std::uint32_t kv_blocks = 0;       // blocks per server of the KV index; 0: no index
+  std::uint32_t kv_pending_blocks = 0;  // blocks per server of the pending index; 0: none
   // omni_proxy_kv_cache declarations, resolved against the pools at postconfiguration.
   struct KvDecl {
     std::string upstream;
@@ -135,6 +137,7 @@ struct Registry {
     std::string topic;
     std::uint32_t block_size = 0;
     std::uint32_t max_blocks = 0;
+    bool pending = true;
     std::string file;  // where it was declared, for errors
     ngx_uint_t line = 0;
   };
@@ -269,6 +272,9 @@ struct KvRequest {
   std::int32_t accounted_backend = -1;
   std::int64_t accounted_tokens = 0;
   std::uint64_t accounted_ns = 0;    // when the prefill leg was sent
+  // Events mode: the prompt's blocks recorded as pending on the server prefilling them.
+  std::int32_t pending_backend = -1;
+  std::uint64_t pending_tag = 0;
   bool solo = false;                 // nothing else was prefilling there: a speed sample
   std::int64_t actual_cached = -1;   // the engine's usage.prompt_tokens_details.cached_tokens
 };

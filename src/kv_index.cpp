@@ -667,6 +667,27 @@ bool KvIndex::store_chain(std::uint32_t instance, std::span<const std::uint64_t>
   });
 }
 
+bool KvIndex::store_tagged_chain(std::uint32_t instance, std::span<const std::uint64_t> keys,
+                                 std::uint64_t tag) noexcept {
+  if (instance >= layout_->instances) return false;
+  if (keys.empty()) return true;
+  return with_lock(*layout_, layout_->instance(instance), kSpins, false, [&](Writer& w) {
+    for (std::size_t i = keys.size(); i-- > 0;) {
+      const std::uint64_t key = nonzero(keys[i]);
+      w.store(slot_engine(tagged_engine_key(key, tag)), key);
+    }
+  });
+}
+
+bool KvIndex::remove_tagged_chain(std::uint32_t instance, std::span<const std::uint64_t> keys,
+                                  std::uint64_t tag) noexcept {
+  if (instance >= layout_->instances) return false;
+  if (keys.empty()) return true;
+  return with_lock(*layout_, layout_->instance(instance), kSpins, false, [&](Writer& w) {
+    for (std::uint64_t k : keys) w.remove(slot_engine(tagged_engine_key(nonzero(k), tag)));
+  });
+}
+
 std::optional<std::uint64_t> KvIndex::key_of(std::uint32_t instance,
                                              std::uint64_t engine_key) const noexcept {
   if (instance >= layout_->instances) return std::nullopt;

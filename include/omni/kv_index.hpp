@@ -139,6 +139,19 @@ class KvIndex {
   // chain is recorded from its last key to its first, so its head is the most recent (evicted
   // last, as engines evict a sequence's tail blocks first).
   bool store_chain(std::uint32_t instance, std::span<const std::uint64_t> keys) noexcept;
+  // A chain owned by one holder (e.g. one in-flight request), so that several holders of a
+  // shared prefix each keep it matched until the last one removes its chain: key k is stored
+  // under the engine key tagged_engine_key(k, tag) (tag != 0 per holder; tag 0 is store_chain).
+  // Recorded from its last key to its first, as store_chain. One lock acquisition each.
+  bool store_tagged_chain(std::uint32_t instance, std::span<const std::uint64_t> keys,
+                          std::uint64_t tag) noexcept;
+  // Drops that holder's chain (keys that were evicted meanwhile count in unknown_removed). false
+  // when the write was contended (the chain stays until evicted).
+  bool remove_tagged_chain(std::uint32_t instance, std::span<const std::uint64_t> keys,
+                           std::uint64_t tag) noexcept;
+  static constexpr std::uint64_t tagged_engine_key(std::uint64_t key, std::uint64_t tag) noexcept {
+    return tag == 0 ? key : mix64(key ^ mix64(tag));
+  }
   // The proxy key of an engine block the instance holds.
   std::optional<std::uint64_t> key_of(std::uint32_t instance, std::uint64_t engine_key) const noexcept;
   // Drops an engine block; false when it was not held (or the write was contended).

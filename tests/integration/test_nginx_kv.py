@@ -9,10 +9,15 @@ nginx with the module (2 workers) in front of omni-sim instances that publish vL
 - an engine restart (sequence numbers back to 0) drops that server's index; malformed event
   messages are counted and skipped; a restarted nginx rebuilds its view from the replay
   sockets; two nginx instances with separate zones agree on the routes of the same requests;
+- a prompt still prefilling counts as cached on its server (pending), so a request sharing its
+  prefix follows it before any event shows it; a killed worker's pending prompts are dropped;
+  pending=off turns that off;
 - approximate mode predicts from routing alone; config mistakes fail `nginx -t` naming the
   directive."""
 import collections
 import json
+import os
+import signal
 import struct
 import threading
 import time
@@ -23,6 +28,7 @@ import zmq
 
 from simlib import Sim, free_port, get, post, wait_until
 from test_nginx_module import Nginx, assert_config_fails
+from test_nginx_state import worker_pids
 
 N = 4  # servers
 
@@ -400,6 +406,129 @@ class KvFaultsTest(unittest.TestCase):
         self.assertEqual(pools[0]["mode"], "approximate")
 
 
+class KvPendingTest(unittest.TestCase):
+    """Events lag the routing: while a long prompt still prefills, no event shows its blocks.
+    A second request sharing its prefix must still see them (pending on the server prefilling
+    them) and go there; with pending=off it sees nothing. Two slow engines (deepseek profile at
+    time scale 1, 2048-token chunks, steps 4 times longer: the first chunk's events come after
+    about 0.35 s, and a 12000-token prompt prefills for about 2 s)."""
+
+    def setUp(self):
+        self.base = free_port(300)
+        self.sim = start_sims(self.base, self.base + 100, self.base + 200, count=2,
+                              extra=("--profile", "deepseek-v3-h800", "--max-num-batched-tokens",
+                                     "2048", "--time-scale", "1", "--fault-slowdown", "4"))
+        self.nginxes = []
+
+    def tearDown(self):
+        for n in self.nginxes:
+            n.cleanup()
+        self.sim.stop()
+
+    def start_nginx(self, pending):
+        listen = free_port()
+        conf = kv_conf(self.base, 2, listen).replace(
+            "pub_port_offset=100", "pub_port_offset=100 pending=%s" % pending)
+        n = Nginx(conf, port=listen)
+        r = n.run()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.nginxes.append(n)
+        self.assertTrue(wait_until(lambda: (status(listen) or {}).get("kv", {})
+                                   .get("subscriber", {}).get("pid", 0) != 0, 10))
+        return listen
+
+    def overlap(self, listen, seed):
+        """Sends a 12000-token prompt, then, while it prefills, one sharing its first 6400
+        tokens (100 blocks of 64); returns (first, second, the first's server's status while it prefilled)."""
+        first_prompt = ids(seed, n=12000)
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault(
+            "first", complete(listen, first_prompt, timeout=30)))
+        t.start()
+        seen = {}
+
+        def prefilling():
+            for name, s in kv_servers(listen).items():
+                if s["inflight_uncached_tokens"] > 0:
+                    seen[name] = s
+                    return True
+            return False
+
+        self.assertTrue(wait_until(prefilling, 5, interval=0.005), "the first never showed")
+        second = complete(listen, first_prompt[:6400] + ids(seed + 1, n=2000), timeout=30)
+        t.join(30)
+        return out["first"], second, seen
+
+    def test_prompts_still_prefilling_count_as_cached_where_they_prefill(self):
+        listen = self.start_nginx("on")
+        first, second, seen = self.overlap(listen, 501)
+        self.assertEqual(first.status, 200, first.body)
+        self.assertEqual(second.status, 200, second.body)
+        (home, during), = seen.items()
+        self.assertEqual(peer(first), home)
+        # While it prefilled: its blocks pending there (187 of 64 tokens).
+        self.assertGreater(during["pending"]["blocks"], 0, during)
+        self.assertEqual(during["pending"]["bound"], 4096)  # half of omni_proxy_kv_index_blocks
+        self.assertEqual(peer(second), home)
+        rt = route(second)
+        self.assertEqual(rt["reason"], "warm", rt)
+        self.assertEqual(int(rt["cached"]), 6400)
+        self.assertEqual(int(rt["runner_up_cached"]), 0)
+        # The engine agrees: it scheduled the second behind the first and reused the prefix.
+        self.assertEqual(second.json()["usage"]["prompt_tokens_details"]["cached_tokens"], 6400)
+        after = kv_servers(listen)
+        self.assertEqual(after[home]["pending"]["legs"], 1)
+        self.assertEqual(after[home]["pending"]["tokens"], 6400)
+        # Both prefills are over: nothing pending anywhere, and the events took over.
+        self.assertTrue(wait_until(lambda: all(s["pending"]["blocks"] == 0
+                                               for s in kv_servers(listen).values()), 5),
+                        kv_servers(listen))
+        self.assertGreaterEqual(kv_servers(listen)[home]["blocks"], 187)
+        self.assertTrue(status(listen)["kv"]["pools"][0]["pending"])
+        m = get(listen, "/omni/metrics").body.decode()
+        self.assertIn('omni_proxy_kv_pending_legs_total{pool="engines",backend="%s"} 1' % home, m)
+        self.assertIn('omni_proxy_kv_pending_blocks{pool="engines",backend="%s"} 0' % home, m)
+
+    def test_a_dead_workers_pending_prompts_are_dropped(self):
+        listen = self.start_nginx("on")
+        nginx = self.nginxes[-1]
+        before = worker_pids(nginx)
+
+        def send():
+            try:
+                complete(listen, ids(701, n=12000), timeout=30)
+            except OSError:
+                pass  # its worker was killed
+
+        t = threading.Thread(target=send)
+        t.start()
+        pending = lambda: sum(s.get("pending", {}).get("blocks", 0)  # noqa: E731
+                              for s in kv_servers(listen).values())
+        self.assertTrue(wait_until(lambda: pending() > 0, 5, interval=0.005))
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        self.nginxes.remove(nginx)
+        self.addCleanup(nginx.cleanup, allow=("exited on signal 9",))
+        t.join(30)
+        # The master starts new workers; the first to see the dead ones drops their chains.
+        self.assertTrue(wait_until(lambda: worker_pids(nginx) and not
+                                   worker_pids(nginx) & before and pending() == 0, 10),
+                        kv_servers(listen))
+
+    def test_pending_off_sees_only_events(self):
+        listen = self.start_nginx("off")
+        first, second, seen = self.overlap(listen, 601)
+        self.assertEqual(first.status, 200, first.body)
+        self.assertEqual(second.status, 200, second.body)
+        (home, during), = seen.items()
+        self.assertNotIn("pending", during)
+        rt = route(second)
+        self.assertEqual(int(rt["cached"]), 0, rt)
+        self.assertEqual(int(rt.get("runner_up_cached", 0)), 0, rt)
+        self.assertFalse(status(listen)["kv"]["pools"][0]["pending"])
+        self.assertNotIn("omni_proxy_kv_pending_blocks", get(listen, "/omni/metrics").body.decode())
+
+
 class KvPdTest(unittest.TestCase):
     def test_decode_choice_sees_decode_caches(self):
         base = free_port(300)
@@ -469,6 +598,11 @@ class KvConfigTest(unittest.TestCase):
                          "omni_proxy_kv_cache", "sometimes")
         self.check_fails(self.LOC % ("omni_proxy_kv_cache engines approximate topic=x;", ""),
                          "omni_proxy_kv_cache", "topic=x")
+        self.check_fails(self.LOC % ("omni_proxy_kv_cache engines approximate pending=on;", ""),
+                         "omni_proxy_kv_cache", "pending=on")
+        self.check_fails(self.LOC % ("omni_proxy_kv_cache engines events pub_port_offset=1 "
+                                     "pending=maybe;", ""),
+                         "omni_proxy_kv_cache", "pending=maybe", "pending=on|off")
         self.check_fails(self.LOC % ("", "omni_proxy_policy kv_aware epsilon=-1;"),
                          "omni_proxy_policy", "epsilon=-1")
         for bad in ("miss_weight=11", "miss_weight=-0.5", "miss_weight=x", "miss_weight="):

@@ -441,6 +441,55 @@ TEST(KvIndex, StoreChainRecordsTheHeadLast) {
   EXPECT_TRUE(x.store_chain(0, {}));
 }
 
+TEST(KvIndex, TaggedChainsKeepASharedPrefixUntilTheLastHolderLeaves) {
+  Fixture f({2, 64});
+  KvIndex& x = *f.index;
+  const auto a = block_keys(tokens(10 * 4, 3), 4);   // 10 blocks
+  auto b_tokens = tokens(10 * 4, 3);
+  for (std::size_t i = 6 * 4; i < b_tokens.size(); ++i) b_tokens[i] += 1000;  // shares 6 blocks
+  const auto b = block_keys(b_tokens, 4);
+  ASSERT_EQ(std::mismatch(a.begin(), a.end(), b.begin()).first - a.begin(), 6);
+  ASSERT_TRUE(x.store_tagged_chain(0, a, 11));
+  ASSERT_TRUE(x.store_tagged_chain(0, b, 12));
+  EXPECT_EQ(x.match(0, a), 10u);
+  EXPECT_EQ(x.match(0, b), 10u);
+  EXPECT_EQ(x.counters(0).blocks, 20u);  // one entry per holder and block
+  EXPECT_EQ(x.match(1, a), 0u);          // per instance
+  // The first holder leaves: the shared prefix stays, its own tail goes.
+  ASSERT_TRUE(x.remove_tagged_chain(0, a, 11));
+  EXPECT_EQ(x.match(0, a), 6u);
+  EXPECT_EQ(x.match(0, b), 10u);
+  EXPECT_EQ(x.counters(0).blocks, 10u);
+  // Removing it again, or with the wrong tag, changes nothing.
+  ASSERT_TRUE(x.remove_tagged_chain(0, a, 11));
+  ASSERT_TRUE(x.remove_tagged_chain(0, b, 13));
+  EXPECT_EQ(x.match(0, b), 10u);
+  EXPECT_EQ(x.counters(0).unknown_removed, 20u);
+  ASSERT_TRUE(x.remove_tagged_chain(0, b, 12));
+  EXPECT_EQ(x.match(0, a), 0u);
+  EXPECT_EQ(x.match(0, b), 0u);
+  EXPECT_EQ(x.counters(0).blocks, 0u);
+  // A tagged chain and an untagged one of the same keys are distinct holders.
+  ASSERT_TRUE(x.store_chain(0, a));
+  ASSERT_TRUE(x.store_tagged_chain(0, a, 11));
+  ASSERT_TRUE(x.remove_tagged_chain(0, a, 11));
+  EXPECT_EQ(x.match(0, a), 10u);
+  EXPECT_EQ(KvIndex::tagged_engine_key(a[0], 0), a[0]);
+  EXPECT_NE(KvIndex::tagged_engine_key(a[0], 11), KvIndex::tagged_engine_key(a[0], 12));
+  // Bounded like every chain: over the bound the oldest holders' tails go first.
+  x.clear(0);
+  x.set_bound(0, 12);
+  ASSERT_TRUE(x.store_tagged_chain(0, a, 21));
+  ASSERT_TRUE(x.store_tagged_chain(0, b, 22));
+  EXPECT_EQ(x.counters(0).blocks, 12u);
+  EXPECT_EQ(x.match(0, b), 10u);  // the newest chain is whole
+  EXPECT_EQ(x.match(0, a), 6u);   // the older one keeps what it shares with it
+  EXPECT_TRUE(x.store_tagged_chain(0, {}, 1));
+  EXPECT_TRUE(x.remove_tagged_chain(0, {}, 1));
+  EXPECT_FALSE(x.store_tagged_chain(2, a, 1));
+  EXPECT_FALSE(x.remove_tagged_chain(2, a, 1));
+}
+
 TEST(KvIndex, ClearDropsEveryBlockAndResetsTheSequence) {
   Fixture f({2, 64});
   KvIndex& x = *f.index;

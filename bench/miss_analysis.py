@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Where a scenario run lost prefix-cache hits: each request's missed reusable tokens, by cause.
+
+For a Mooncake-format trace (hash_ids: one id per block of --trace-block tokens, equal ids at
+equal positions meaning an equal prefix), a request could at best reuse the longest prefix an
+earlier request already sent (less its last token, which is always computed). The engine reported
+what it did reuse (requests.csv, cached_tokens). The difference is a miss, put in one class:
+
+  routed_to_holder   the request went to a server that had been sent that prefix, and it still
+                     missed there: the engine evicted it, or the holder's prefill had not reached
+                     it yet when this request was scheduled;
+  holder_finished    some earlier holder had finished prefilling that prefix (its first token
+                     returned) before this request was sent, and the request went elsewhere;
+  holder_in_flight   every holder was still queued or prefilling the prefix when this request
+                     was sent, and the request went elsewhere.
+
+Usage: miss_analysis.py RUN_DIR [RUN_DIR ...] [--trace FILE] [--window-s 240]
+RUN_DIR is one run of bench/scenario.py (it holds requests.csv and decisions.log). Prints one
+line per run: the hit rate, the reusable share, and the lost points of hit rate by class.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TRACE = os.path.join(HERE, "..", "..", "shared", "data", "traces",
+                             "mooncake_synthetic_trace.jsonl")
+
+
+def load_trace(path, window_s):
+    out = []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["timestamp"] / 1000.0 > window_s:
+                break
+            out.append(rec)
+    return out
+
+
+def analyse(run_dir, trace, block):
+    # The prefill engine's report of each request (decisions.log: id, status, prefill peer,
+    # decode peer, predicted cached, reported cached, ...); requests.csv's cached_tokens is the
+    # final response's, i.e. the decode engine's in P/D.
+    prefill = {}
+    with open(os.path.join(run_dir, "decisions.log")) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 6 and parts[0].startswith("bench-") and parts[5].isdigit():
+                prefill[int(parts[0][6:])] = (parts[2], int(parts[5]))
+    rows = {}
+    with open(os.path.join(run_dir, "requests.csv")) as f:
+        for row in csv.DictReader(f):
+            i = int(row["index"])
+            if row["outcome"] == "ok" and i in prefill:
+                row["prefill_peer"], row["cached_tokens"] = prefill[i][0], prefill[i][1]
+                rows[i] = row
+    order = sorted(rows, key=lambda i: float(rows[i]["start_s"]))
+    # prefix (position, hash id) -> list of (server, first-token time)
+    holders = {}
+    totals = {"prompt": 0, "reusable": 0, "cached": 0, "routed_to_holder": 0,
+              "holder_finished": 0, "holder_in_flight": 0}
+    for i in order:
+        row = rows[i]
+        if i >= len(trace):
+            continue
+        ids = trace[i]["hash_ids"]
+        prompt = int(row["prompt_tokens"] or trace[i]["input_length"])
+        start = float(row["start_s"])
+        server = row["prefill_peer"]
+        # The longest prefix an earlier request sent, and who holds it.
+        best, best_holders = 0, []
+        for pos, h in enumerate(ids):
+            got = holders.get((pos, h))
+            if not got:
+                break
+            best, best_holders = pos + 1, got
+        reusable = min(best * block, max(0, prompt - 1))
+        cached = min(int(row["cached_tokens"]), prompt)
+        missed = max(0, reusable - cached)
+        totals["prompt"] += prompt
+        totals["reusable"] += reusable
+        totals["cached"] += cached
+        if missed > 0:
+            if any(s == server for s, _ in best_holders):
+                totals["routed_to_holder"] += missed
+            elif any(done <= start for _, done in best_holders):
+                totals["holder_finished"] += missed
+            else:
+                totals["holder_in_flight"] += missed
+        done = start + float(row["ttft_ms"] or 0) / 1000.0
+        for pos, h in enumerate(ids):
+            holders.setdefault((pos, h), []).append((server, done))
+    return totals
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--trace", default=DEFAULT_TRACE)
+    ap.add_argument("--window-s", type=float, default=240.0)
+    ap.add_argument("--trace-block", type=int, default=512, help="tokens per hash id")
+    args = ap.parse_args()
+    trace = load_trace(args.trace, args.window_s)
+    print("%-60s %7s %7s %7s %9s %9s %9s" % ("run", "hit%", "reuse%", "lost", "to_holder",
+                                             "finished", "in_flight"))
+    for run in args.runs:
+        for name in ("requests.csv", "decisions.log"):
+            if not os.path.exists(os.path.join(run, name)):
+                sys.exit("miss_analysis: no %s in %s" % (name, run))
+        t = analyse(run, trace, args.trace_block)
+        p = max(1, t["prompt"])
+        pts = lambda k: 100.0 * t[k] / p  # noqa: E731  (points of hit rate)
+        print("%-60s %6.1f%% %6.1f%% %6.2f %9.2f %9.2f %9.2f" % (
+            run[-60:], pts("cached"), pts("reusable"), pts("reusable") - pts("cached"),
+            pts("routed_to_holder"), pts("holder_finished"), pts("holder_in_flight")))
+
+
+if __name__ == "__main__":
+    main()
