@@ -702,6 +702,22 @@ bool kv_create(void* index_region, std::size_t index_bytes, void* shared_region,
   return false;
 }
 
+namespace {
+// A row of in-flight accounting changes hands (taken at start, or its worker died): its tokens
+// go. A dead worker's pending chains would stay until pushed out and cannot be told from the
+// others', so then every server's pending index starts again (the live workers' removals of
+// chains no longer there are harmless).
+void forget_row(std::uint32_t row, bool owner_died) {
+  Runtime& r = rt();
+  for (std::uint32_t b = 0; b < r.shared.hdr->backends; ++b) {
+    r.shared.tokens[row * r.shared.hdr->backends + b].store(0);
+  }
+  if (owner_died && r.pending != nullptr) {
+    for (std::uint32_t b = 0; b < r.pending->instances(); ++b) r.pending->clear(b);
+  }
+}
+}  // namespace
+
 void kv_init_process(ngx_cycle_t* cycle, void* index_region, std::size_t index_bytes,
                      void* shared_region, std::size_t shared_bytes) noexcept try {
   Runtime& r = rt();
@@ -730,9 +746,7 @@ void kv_init_process(ngx_cycle_t* cycle, void* index_region, std::size_t index_b
     std::int32_t cur = r.shared.hdr->row_pid[row].load();
     if (cur != 0 && omni::pid_alive(cur)) continue;
     if (r.shared.hdr->row_pid[row].compare_exchange_strong(cur, ngx_pid)) {
-      for (std::uint32_t b = 0; b < hdr->backends; ++b) {
-        r.shared.tokens[row * hdr->backends + b].store(0);
-      }
+      forget_row(row, cur != 0);
       r.row = static_cast<std::int32_t>(row);
     }
   }
@@ -781,15 +795,7 @@ void kv_reclaim() noexcept {
   for (std::uint32_t row = 0; row < kRows; ++row) {
     std::int32_t pid = r.shared.hdr->row_pid[row].load();
     if (pid == 0 || omni::pid_alive(pid)) continue;
-    for (std::uint32_t b = 0; b < r.shared.hdr->backends; ++b) {
-      r.shared.tokens[row * r.shared.hdr->backends + b].store(0);
-    }
-    if (r.shared.hdr->row_pid[row].compare_exchange_strong(pid, 0) && r.pending != nullptr) {
-      // The dead worker's pending chains would stay until pushed out; they cannot be told
-      // from the others', so every server's pending index starts again (the live workers'
-      // removals of chains no longer there are harmless).
-      for (std::uint32_t b = 0; b < r.pending->instances(); ++b) r.pending->clear(b);
-    }
+    if (r.shared.hdr->row_pid[row].compare_exchange_strong(pid, 0)) forget_row(row, true);
   }
 }
 

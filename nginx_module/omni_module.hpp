@@ -394,6 +394,12 @@ struct SchedRequest {
   void (*on_change)(void* data) = nullptr;
   void* data = nullptr;
   ngx_event_t backstop{};     // a decision that never comes: the request fails cleanly
+  // While it waits, its predicted cached tokens are refreshed (other requests' prefixes are
+  // sent or cached meanwhile): its keys and pools (set by sched_enqueue), and where the
+  // request keeps the values the scheduler has ([0] prefill pool, [1] decode pool; the caller's).
+  const KvRequest* kv = nullptr;
+  const Pool* kv_pools[2] = {nullptr, nullptr};
+  std::vector<std::uint32_t>* cached = nullptr;
 };
 struct SchedEnqueue {
   bool queued = false;

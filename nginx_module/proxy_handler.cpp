@@ -944,6 +944,7 @@ void proceed(ngx_http_request_t* r) noexcept try {
   if (sched_active(*st.lcf) && st.parsed && st.kv.keyed) {
     st.sched.on_change = sched_changed;
     st.sched.data = &st;
+    st.sched.cached = st.sched_cached;
     SchedEnqueue e = sched_enqueue(*st.lcf, st.kv, sched_priority(r, st.parsed->features.priority),
                                    st.sched, r->connection->log);
     if (e.queued) {

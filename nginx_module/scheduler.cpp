@@ -56,6 +56,7 @@ struct SchedRuntime {
   ngx_queue_t waiting{};
   std::size_t waiting_count = 0;
   std::vector<omni::sched::InstanceView> views;
+  ngx_msec_t last_refresh = 0;
   // Per backend: the poll last seen, and this proxy's decodes there at that moment (what the
   // engine's running count includes of ours).
   std::vector<std::pair<std::uint64_t, std::uint32_t>> polled;
@@ -140,6 +141,7 @@ std::int32_t server_index(const Pool& pool, const std::string& name) {
 
 void run_pass() noexcept;
 void scan_waiting() noexcept;
+void refresh_waiting() noexcept;
 
 void post(ngx_event_t& ev) {
   if (!ev.posted) {
@@ -153,6 +155,7 @@ void on_wake() noexcept {
   SchedRuntime& r = srt();
   if (r.leader) run_pass();
   scan_waiting();
+  refresh_waiting();
 }
 
 // --- The lease ----------------------------------------------------------------------------------
@@ -404,6 +407,41 @@ void scan_waiting() noexcept {
     unlink_waiting(*sr);
     if (sr->on_change != nullptr) sr->on_change(sr->data);
   }
+}
+
+// The caches change while requests wait: a request sent meanwhile is pending on its server
+// (kv.cpp), a prefill that ended is in the events. At most once per millisecond, on a wake-up,
+// this worker's waiting requests get fresh predictions; those that changed go to the scheduler,
+// whose next pass places them by the new values. Cost: per waiting request and server, one
+// lookup per block it holds plus one.
+void refresh_waiting() noexcept try {
+  SchedRuntime& r = srt();
+  if (r.s == nullptr || r.waiting.next == nullptr || r.waiting_count == 0) return;
+  if (r.last_refresh == ngx_current_msec) return;
+  r.last_refresh = ngx_current_msec;
+  bool changed = false;
+  std::vector<std::uint32_t> fresh[2];
+  for (ngx_queue_t* q = ngx_queue_head(&r.waiting); q != ngx_queue_sentinel(&r.waiting);
+       q = ngx_queue_next(q)) {
+    SchedRequest* sr = ngx_queue_data(q, SchedRequest, link);
+    if (sr->kv == nullptr || sr->cached == nullptr || !sr->active) continue;
+    for (int which = 0; which < 2; ++which) {
+      fresh[which].clear();
+      if (sr->kv_pools[which] != nullptr) {
+        kv_cached_by_server(*sr->kv_pools[which], *sr->kv, which, fresh[which]);
+      }
+    }
+    if (fresh[0] == sr->cached[0] && fresh[1] == sr->cached[1]) continue;
+    // Kept only when the scheduler took them (not when it placed the request meanwhile): the
+    // request's route explanation shows the values it was placed by.
+    if (!r.s->update_cached(sr->ref, fresh[0], fresh[1])) continue;
+    changed = true;
+    sr->cached[0].swap(fresh[0]);
+    sr->cached[1].swap(fresh[1]);
+  }
+  if (changed) wake_leader();
+} catch (...) {
+  log_exception(srt().log, "scheduler cache refresh");
 }
 
 }  // namespace
@@ -850,6 +888,9 @@ SchedEnqueue sched_enqueue(const LocConf& lcf, const KvRequest& kv, std::int32_t
   }
   sr.ref = res.ref;
   sr.active = true;
+  sr.kv = &kv;
+  sr.kv_pools[0] = pp;
+  sr.kv_pools[1] = dp;
   sr.sequential = req.mode == omni::sched::Mode::kSequential;
   sr.seen = static_cast<std::uint8_t>(omni::sched::State::kQueued);
   sr.enqueue_ns = now;

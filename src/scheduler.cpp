@@ -1052,6 +1052,36 @@ bool Scheduler::cancel(Ref ref, std::uint64_t /*now_ns*/) noexcept {
   return frees_room;
 }
 
+bool Scheduler::update_cached(Ref ref, std::span<const std::uint32_t> prefill_cached,
+                              std::span<const std::uint32_t> decode_cached) noexcept {
+  if (ref.index >= hdr_->capacity) return false;
+  RobustLock lock(hdr_->lock);
+  if (lock.took_over()) repair_locked();
+  Impl im(*this);
+  Entry& e = entries_[ref.index];
+  const State st = state_of(e);
+  if (e.ticket != ref.ticket || (st != State::kQueued && st != State::kDecodeQueued)) return false;
+  bool changed = false;
+  // Copies `from` (zeros past its end) into the first `count` values of `to`.
+  auto refresh = [&changed](std::uint32_t* to, std::span<const std::uint32_t> from,
+                            std::size_t count) {
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::uint32_t v = j < from.size() ? from[j] : 0u;
+      if (to[j] != v) to[j] = v, changed = true;
+    }
+  };
+  if (st == State::kQueued) {
+    const PoolShape& pp = pools_[e.ppool];
+    std::uint32_t* pc = im.cached(ref.index, 0);
+    refresh(pc, prefill_cached, pp.count);
+    std::uint32_t most = 0;
+    for (std::size_t j = 0; j < pp.count; ++j) most = std::max(most, std::min(pc[j], e.prompt_tokens));
+    e.min_uncached = e.prompt_tokens - most;
+  }
+  if (e.dpool != kNoPool) refresh(im.cached(ref.index, 1), decode_cached, pools_[e.dpool].count);
+  return changed;
+}
+
 bool Scheduler::prefill_done(Ref ref, std::uint64_t now_ns, bool ok,
                              std::optional<std::uint32_t> actual_cached, const Options& opt,
                              bool learn) noexcept {

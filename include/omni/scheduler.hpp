@@ -344,6 +344,13 @@ class Scheduler {
   bool prefill_done(Ref ref, std::uint64_t now_ns, bool ok,
                     std::optional<std::uint32_t> actual_cached, const Options& opt,
                     bool learn = true) noexcept;
+  // Newer predicted cached tokens of a request still waiting (the caches changed while it
+  // queued: another request's prefix was sent or cached). kQueued: both pools' values are
+  // replaced (spans as in EnqueueRequest); kDecodeQueued: the decode pool's only. Its place in
+  // the queue stays (the order key is the admission estimate). Returns whether a value changed,
+  // i.e. the scheduler should run a pass; false for a stale ref or a request no longer waiting.
+  bool update_cached(Ref ref, std::span<const std::uint32_t> prefill_cached,
+                     std::span<const std::uint32_t> decode_cached) noexcept;
   // The decode leg finished (the request's end); `tpot_ms` > 0 when measured (feeds the
   // inter-token latency fit). The entry is freed. Returns whether the scheduler should run.
   bool decode_done(Ref ref, std::uint64_t now_ns, double tpot_ms, const Options& opt) noexcept;

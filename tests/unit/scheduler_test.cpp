@@ -534,6 +534,35 @@ TEST(SchedulerRelease, MissWeightWaitsForTheHolder) {
   }
 }
 
+// The caches change while a request waits (another request's prefix is sent, or cached): its
+// owner refreshes the predictions, and the scheduler places it by the new ones.
+TEST(SchedulerRelease, UpdatedCachePredictionsDecideThePlace) {
+  for (const std::uint32_t holder : {0u, 1u}) {
+    Fixture f(make_shape(2, 0, 64));
+    Options o = quiet_options();
+    Scheduler& s = *f.sched;
+    s.set_limits(0, {16384, 0});
+    s.set_limits(1, {16384, 0});
+    const std::vector<std::uint32_t> none(2, 0);
+    EnqueueRequest req = prefill_only(10000);
+    req.prefill_cached = none;
+    const EnqueueResult e = s.enqueue(req, 1'000 * kMs, o);
+    ASSERT_EQ(e.verdict, Verdict::kQueued);
+    std::vector<std::uint32_t> cached(2, 0);
+    cached[holder] = 8000;
+    EXPECT_TRUE(s.update_cached(e.ref, cached, {})) << holder;
+    EXPECT_FALSE(s.update_cached(e.ref, cached, {})) << "nothing changed";
+    EXPECT_FALSE(s.update_cached({e.ref.index, e.ref.ticket + 1}, none, {})) << "stale ref";
+    EXPECT_FALSE(s.update_cached({999, e.ref.ticket}, none, {})) << "out of range";
+    s.pass(1'000 * kMs, o);
+    const Decision d = s.decision(e.ref);
+    ASSERT_EQ(d.state, State::kPrefill) << holder;
+    EXPECT_EQ(d.prefill_server, static_cast<std::int32_t>(holder));
+    EXPECT_EQ(d.cached_tokens, 8000u);
+    EXPECT_FALSE(s.update_cached(e.ref, none, {})) << "released: no longer waiting";
+  }
+}
+
 TEST(SchedulerRelease, BoundaryModeHoldsUntilTheStepIsAboutToEnd) {
   Fixture f(make_shape(1, 0, 1024));
   Options o = quiet_options();
