@@ -104,6 +104,7 @@ CONF
 upstream="upstream backend {
 $(for p in "${backend_ports[@]}"; do echo "        server 127.0.0.1:$p;"; done)
         keepalive 64;
+        keepalive_timeout 4s;
         keepalive_requests 1000000;
     }"
 cat > "$dir/plain.conf" <<CONF

@@ -222,6 +222,7 @@ def nginx_conf(run_dir, module, port, system, prefill_ports, decode_ports, sched
     def upstream(name, ports):
         servers = "".join("        server 127.0.0.1:%d;\n" % p for p in ports)
         return ("    upstream %s {\n        %s\n        zone %s 256k;\n%s        keepalive 64;\n"
+                "        keepalive_timeout 4s;\n"
                 "    }\n" % (name, balancer, name, servers))
     kv_conf += sched
 

@@ -76,6 +76,7 @@ $(http_preamble)
         server 127.0.0.1:$backend_port;
         server 127.0.0.1:$backend_port2;
         keepalive 64;
+        keepalive_timeout 4s;
         keepalive_requests 1000000;
     }
     server {

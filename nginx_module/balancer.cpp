@@ -66,6 +66,13 @@ const std::vector<std::shared_ptr<const omni::Filter>>& eligibility_filters() {
   return filters;
 }
 
+// Peer `i` of the primary servers, or nullptr.
+ngx_http_upstream_rr_peer_t* peer_at(ngx_http_upstream_rr_peers_t* peers, std::int32_t i) {
+  ngx_http_upstream_rr_peer_t* peer = peers != nullptr ? peers->peer : nullptr;
+  for (; peer != nullptr && i > 0; --i) peer = peer->next;
+  return i == 0 ? peer : nullptr;
+}
+
 std::int32_t server_of(const ngx_http_upstream_rr_peer_data_t* rrp, const Pool& pool) {
   if (rrp == nullptr || rrp->current == nullptr) return -1;
   const ngx_http_upstream_rr_peers_t* peers = rrp->peers;
@@ -175,8 +182,14 @@ ngx_int_t get_peer(ngx_peer_connection_t* pc, void* data) noexcept {
     const ngx_uint_t n = rrp->peers->number;
     const std::size_t words = (n + 8 * sizeof(std::uintptr_t) - 1) / (8 * sizeof(std::uintptr_t));
     std::int32_t chosen = pd->choice.forced;
-    // The scheduler's choice holds for the first try; a retry goes where the policy says.
-    if (chosen >= 0 && pd->choice.forced_retry && pd->gets > 0) chosen = -1;
+    // The scheduler's choice holds for the first try; a retry goes where the policy says, and
+    // so does a first try whose server round robin would refuse now (max_fails reached within
+    // fail_timeout, e.g. a keepalive connection the engine had closed): forcing it would end
+    // the request with "no live upstreams" (502).
+    if (chosen >= 0 && pd->choice.forced_retry &&
+        (pd->gets > 0 || peer_unavailable(peer_at(rrp->peers, chosen), ngx_time()))) {
+      chosen = -1;
+    }
     if (chosen < 0 && pd->steer) {
       try {
         chosen = pick(*pd->pool, rrp->peers, pd->choice,

@@ -292,6 +292,13 @@ struct PeerChoice {
 // Chooses a server of `pool` for a request now (parallel P/D picks the prefill server before
 // the bodies are built); -1 when none is eligible.
 std::int32_t choose_server(const Pool& pool, const PeerChoice& choice) noexcept;
+// Whether round robin would skip this peer now: marked down, or max_fails failures within
+// fail_timeout (nginx's own test; read without the peers' lock: a hint). True for nullptr.
+inline bool peer_unavailable(const ngx_http_upstream_rr_peer_t* peer, time_t now) noexcept {
+  if (peer == nullptr || peer->down) return true;
+  return peer->max_fails != 0 && peer->fails >= peer->max_fails &&
+         now - peer->checked <= peer->fail_timeout;
+}
 // Hooks into the request path (proxy_handler.cpp): what the balancer should do for a leg
 // request (false: not an omni_proxy leg, leave nginx's choice alone), and what it chose
 // (`server` within `pool`; -1 when nginx found no live server).

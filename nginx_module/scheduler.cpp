@@ -299,7 +299,9 @@ void fill_views() {
     ngx_http_upstream_rr_peer_t* peer = peers != nullptr ? peers->peer : nullptr;
     for (std::uint16_t i = 0; i < p.count; ++i, peer = peer != nullptr ? peer->next : nullptr) {
       omni::sched::InstanceView& v = r.views[p.base + i];
-      if (peer != nullptr && peer->down) v.healthy = false;
+      // Down, or failed max_fails times within fail_timeout: nginx would not connect to it, so
+      // a request placed there would fail with "no live upstreams".
+      if (peer != nullptr && peer_unavailable(peer, ngx_time())) v.healthy = false;
       if (ss == nullptr) continue;
       const auto load = ss->engine_load(static_cast<std::uint16_t>(p.base + i));
       if (load && load->polled_ns != 0) {
@@ -1035,6 +1037,7 @@ nlohmann::json sched_status_json() {
   j["queued"] = st.queued;
   j["decode_queued"] = st.decode_queued;
   j["counters"] = {{"enqueued", st.enqueued},
+                   {"cache_updates", st.cache_updates},
                    {"released", st.released},
                    {"decode_released", st.decode_released},
                    {"starved", st.starved},
@@ -1117,6 +1120,7 @@ void sched_render_metrics(omni::prom::TextWriter& w) {
                                                           {"reclaimed", st.reclaimed},
                                                           {"repairs", st.repairs},
                                                           {"passes", st.passes},
+                                                          {"cache_updates", st.cache_updates},
                                                           {"leader_changes", st.leader_changes}};
   for (const auto& [kind, v] : events) {
     w.sample("omni_proxy_sched_events_total", {{"event", kind}}, static_cast<double>(v));

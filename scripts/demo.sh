@@ -139,12 +139,14 @@ http {
         server 127.0.0.1:$PREFILL_PORT;
         server 127.0.0.1:$((PREFILL_PORT + 1));
         keepalive 16;
+        keepalive_timeout 4s;
     }
     upstream decode {
         zone decode 64k;
         server 127.0.0.1:$DECODE_PORT;
         server 127.0.0.1:$((DECODE_PORT + 1));
         keepalive 16;
+        keepalive_timeout 4s;
     }
 
     server {

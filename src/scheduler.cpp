@@ -113,6 +113,7 @@ struct Header {
   std::uint64_t next_ticket;
   std::uint64_t last_reclaim_ns;
   // Counters (atomics: read without the lock).
+  std::atomic<std::uint64_t> cache_updates;
   std::atomic<std::uint64_t> enqueued, released, decode_released, starved, held, refused_full,
       refused_deadline, refused_unavailable, refused_decode_wait, cancelled, completed, reclaimed,
       repairs, passes;
@@ -1079,6 +1080,7 @@ bool Scheduler::update_cached(Ref ref, std::span<const std::uint32_t> prefill_ca
     e.min_uncached = e.prompt_tokens - most;
   }
   if (e.dpool != kNoPool) refresh(im.cached(ref.index, 1), decode_cached, pools_[e.dpool].count);
+  if (changed) hdr_->cache_updates.fetch_add(1, std::memory_order_relaxed);
   return changed;
 }
 
@@ -1434,6 +1436,7 @@ Stats Scheduler::stats() const noexcept {
   s.decode_queued = h.n_dqueue;
   auto ld = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   s.enqueued = ld(h.enqueued);
+  s.cache_updates = ld(h.cache_updates);
   s.released = ld(h.released);
   s.decode_released = ld(h.decode_released);
   s.starved = ld(h.starved);

@@ -293,6 +293,7 @@ struct Stats {
   std::uint64_t refused_full = 0, refused_deadline = 0, refused_unavailable = 0,
                 refused_decode_wait = 0;
   std::uint64_t cancelled = 0, completed = 0, reclaimed = 0, repairs = 0, passes = 0;
+  std::uint64_t cache_updates = 0;  // update_cached calls that changed a waiting request
   std::int32_t leader_pid = 0;
   std::uint64_t leader_since_ns = 0, leader_beat_ns = 0, leader_changes = 0;
   std::uint64_t lock_acquired = 0, lock_contended = 0, lock_takeovers = 0;

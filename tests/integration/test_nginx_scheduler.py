@@ -7,6 +7,8 @@ nginx with the module (2 workers) in front of omni-sim P/D instances:
 - overload: a full queue answers 429, a wait that cannot meet the bound answers 503, both at once
   with Retry-After and an OpenAI-style body;
 - priority: a more urgent request (header or body field) overtakes queued ones;
+- a waiting request's cache predictions are refreshed: it follows a prefix released meanwhile;
+- a server nginx counts failed (max_fails within fail_timeout) gets no requests from it;
 - a reload while requests are queued loses none of them;
 - decode max_num_seqs (omni_proxy_capacity) makes requests wait for a decode slot;
 - parallel (SGLang) P/D chooses prefill and decode together within omni_proxy_pd_group;
@@ -195,6 +197,106 @@ class SchedulerCommonPrefixTest(unittest.TestCase):
             self.assertGreaterEqual(min(counts.values()), 6, counts)
         finally:
             c.stop()
+
+
+class SchedulerCacheRefreshTest(unittest.TestCase):
+    def test_waiting_requests_see_prefixes_released_meanwhile(self):
+        """Both servers are busy; A (a 3000-token prompt) and then B (sharing A's first 2816
+        tokens) queue, predicted to hit nowhere. A is released first; B's owner predicts again
+        while it waits, sees A's prefix on A's server, and the scheduler (pricing misses) places
+        B there, its route showing the refreshed prediction."""
+        c = Cluster(self, prefill=2, decode=1,
+                    scheduler="omni_proxy_scheduler miss_weight=2;",
+                    extra="omni_proxy_capacity prefill batch_tokens=512;")
+        try:
+            head = ids(777, 2816)
+            bodies = [body(1, n=3000), body(2, n=3000), body(3), body(4)]
+            bodies[2]["prompt"] = head + ids(11, 184)
+            bodies[3]["prompt"] = head + ids(12, 184)
+            first, then = [None] * 2, [None] * 2
+            busy = run_load(c.listen, bodies[:2], first)
+            # Both servers prefilling, A and B queue.
+            self.assertTrue(wait_until(lambda: sched(c.listen).get("counters", {})
+                                       .get("released", 0) >= 2, 10))
+            for t in busy + run_load(c.listen, bodies[2:], then, stagger=0.02):
+                t.join(90)
+            results = first + then
+            for r in results:
+                self.assertIsInstance(r, tuple, r)
+                self.assertEqual(r[0], 200, r[2])
+            a, b = results[2], results[3]
+            route = dict(kv.strip().split("=", 1) for kv in
+                         (header(b[1], "X-Omni-Prefill-Route") or "").split(";") if "=" in kv)
+            self.assertEqual(header(b[1], "X-Omni-Prefill-Peer"),
+                             header(a[1], "X-Omni-Prefill-Peer"), route)
+            self.assertEqual(int(route["cached"]), 2816, route)
+            st = sched(c.listen)
+            self.assertEqual(st["counters"]["enqueued"], 4)
+            self.assertGreaterEqual(st["counters"]["cache_updates"], 1, st["counters"])
+        finally:
+            c.stop()
+
+
+class SchedulerFailedPeerTest(unittest.TestCase):
+    def test_a_server_nginx_counts_failed_gets_no_requests(self):
+        """A decode engine goes away and comes back at once (as after a reset keepalive
+        connection): nginx counts it failed for fail_timeout (10 s) and will not connect to it,
+        while the poller already sees it healthy. The scheduler must not place decodes there:
+        a forced choice nginx refuses ends in "no live upstreams" (502)."""
+        pre = Sim("--engine", "vllm", "--role", "prefill", "--instances", "1")
+        dec = [Sim("--engine", "vllm", "--role", "decode", "--instances", "1") for _ in range(2)]
+        nginx = None
+        try:
+            ports = [d.port() for d in dec]
+            listen = free_port()
+            # With zones, nginx's failure accounting is shared by the workers (as in production).
+            # Polls every 5 s: the poller would take 15 s to call the engine down, so only nginx
+            # knows of the failure.
+            text = conf(listen, [pre.port()], ports).replace(
+                "omni_proxy_poll_interval 200ms;", "omni_proxy_poll_interval 5s;").replace(
+                "upstream prefill {", "upstream prefill { zone prefill 64k;").replace(
+                "upstream decode {", "upstream decode { zone decode 64k;")
+            nginx = Nginx(text, port=listen)
+            r = nginx.run()
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertTrue(wait_until(lambda: sched(listen).get("leader_pid", 0) != 0, 10))
+            # Both decode engines polled once (a server never polled successfully counts as
+            # down once a poll failed).
+            polled = lambda: get(listen, "/omni/metrics").body.decode().count(  # noqa: E731
+                'omni_proxy_backend_metrics_polled_seconds{pool="decode"')
+            self.assertTrue(wait_until(lambda: polled() == 2, 10))
+            dec[0].stop()
+            failed = "127.0.0.1:%d" % ports[0]
+            # Until a decode leg meets the stopped engine (nginx retries it on the other one).
+            for i in range(40):
+                res = post(listen, "/v1/completions", body(100 + i, n=64), timeout=30)
+                self.assertEqual(res.status, 200, res.body)
+                with open(nginx.error_log) as f:
+                    if any("connect() failed" in l and failed in l for l in f):
+                        break
+            else:
+                with open(nginx.error_log) as f:
+                    tail = [l for l in f if "[error]" in l or "[warn]" in l or "omni" in l][-8:]
+                self.fail("no decode leg went to the stopped engine: %s %s" % (
+                    [header(res.headers, "X-Omni-Decode-Peer")], "".join(tail)))
+            dec[0] = Sim("--engine", "vllm", "--role", "decode", "--instances", "1",
+                         "--port", str(ports[0]))
+            # nginx still counts it failed (fail_timeout 10 s).
+            codes, peers = [], []
+            for i in range(12):
+                res = post(listen, "/v1/completions", body(200 + i, n=64), timeout=30)
+                codes.append(res.status)
+                peers.append(header(res.headers, "X-Omni-Decode-Peer"))
+            self.assertEqual(codes, [200] * 12, peers)
+            with open(nginx.error_log) as f:
+                log = [l for l in f if "[error]" in l or "[warn]" in l]
+            self.assertNotIn(failed, peers, "".join(log[-6:]))
+        finally:
+            if nginx is not None:
+                nginx.cleanup(allow=("connect() failed", "upstream server temporarily disabled"))
+            pre.stop()
+            for d in dec:
+                d.stop()
 
 
 class SchedulerOverloadTest(unittest.TestCase):

@@ -554,6 +554,7 @@ TEST(SchedulerRelease, UpdatedCachePredictionsDecideThePlace) {
     EXPECT_FALSE(s.update_cached(e.ref, cached, {})) << "nothing changed";
     EXPECT_FALSE(s.update_cached({e.ref.index, e.ref.ticket + 1}, none, {})) << "stale ref";
     EXPECT_FALSE(s.update_cached({999, e.ref.ticket}, none, {})) << "out of range";
+    EXPECT_EQ(s.stats().cache_updates, 1u);
     s.pass(1'000 * kMs, o);
     const Decision d = s.decision(e.ref);
     ASSERT_EQ(d.state, State::kPrefill) << holder;
