@@ -201,8 +201,8 @@ class SchedulerCommonPrefixTest(unittest.TestCase):
 
 class SchedulerCacheRefreshTest(unittest.TestCase):
     def test_waiting_requests_see_prefixes_released_meanwhile(self):
-        """Both servers are busy; A (a 3000-token prompt) and then B (sharing A's first 2816
-        tokens) queue, predicted to hit nowhere. A is released first; B's owner predicts again
+        """Both servers are busy (1500 and 6000 tokens); A (a 3000-token prompt) and then B
+        (sharing A's first 2816 tokens) queue, predicted to hit nowhere. A is released first; B's owner predicts again
         while it waits, sees A's prefix on A's server, and the scheduler (pricing misses) places
         B there, its route showing the refreshed prediction."""
         c = Cluster(self, prefill=2, decode=1,
@@ -210,7 +210,9 @@ class SchedulerCacheRefreshTest(unittest.TestCase):
                     extra="omni_proxy_capacity prefill batch_tokens=512;")
         try:
             head = ids(777, 2816)
-            bodies = [body(1, n=3000), body(2, n=3000), body(3), body(4)]
+            # Busy servers: one for a while, the other for much longer, so that A gets the
+            # first one alone and B, waiting, has time to learn where A went.
+            bodies = [body(1, n=1500), body(2, n=6000), body(3), body(4)]
             bodies[2]["prompt"] = head + ids(11, 184)
             bodies[3]["prompt"] = head + ids(12, 184)
             first, then = [None] * 2, [None] * 2
