@@ -36,7 +36,9 @@ synthetic multi-tenant shared-prefix workload (omni-bench --synthetic: 8 tenants
 system prompts, 32 users each, conversations of up to 4 turns).
 
 A system BASE@K=V+K=V is BASE with parameters added to its policy line (omni_sched: its
-omni_proxy_scheduler line): omni_kv@epsilon=0.25, omni_sched@miss_weight=2.
+omni_proxy_scheduler line; pending=: the omni_proxy_kv_cache lines): omni_kv@epsilon=0.25,
+omni_sched@miss_weight=0, omni_kv@pending=off. bench/miss_analysis.py splits a run's lost hits
+by cause.
 
 usage: bench/scenario.py [--build DIR] [--out DIR] [--traces mooncake,azure,multitenant] [--systems ...]
                          [--loads 0.5,1,1.5] [--repeats 2] [--time-scale 0.1] [--docs] [--quick]
