@@ -458,10 +458,9 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
   if (sc.enabled) return const_cast<char*>("is duplicate");
   auto* value = static_cast<ngx_str_t*>(cf->args->elts);
   omni::sched::Options& o = sc.options;
-  // Misses priced as kv_aware prices them by default (KvPolicyOptions::miss_weight): on
-  // Mooncake the hit rate rose from 81-88% of the bound to 92-99% at x1-x1.5 (docs/benchmarks.md,
-  // "Requests sent, not yet cached").
-  o.route.miss_weight = KvPolicyOptions{}.miss_weight;
+  // route.miss_weight stays 0 unless set: pricing misses here raised Mooncake's hit rate to
+  // 92-99% of the bound, but piled multi-tenant prefixes onto few servers (max/mean 1.83 at x1,
+  // one x2 repeat with an 18 s p99; docs/benchmarks.md, "Requests sent, not yet cached").
   for (ngx_uint_t i = 1; i < cf->args->nelts; ++i) {
     const std::string arg = arg_string(value[i]);
     const std::size_t eq = arg.find('=');

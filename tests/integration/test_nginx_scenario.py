@@ -1,7 +1,8 @@
 """bench/scenario.py, the routing-scenario driver, end to end on a tiny slice: it starts the
 omni-sim P/D cluster and nginx per system, replays a 20 s Mooncake slice with omni-bench, and
-writes results.json, report.md and the plots. Keeps the benchmark's command from rotting; the
-figures themselves are for docs/benchmarks.md, not asserted here beyond sanity."""
+writes results.json, report.md and the plots; bench/miss_analysis.py then reads the kv_aware
+run. Keeps the benchmark's commands from rotting; the figures themselves are for
+docs/benchmarks.md, not asserted here beyond sanity."""
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ class ScenarioTest(unittest.TestCase):
             raise unittest.SkipTest("needs the module build (OMNI_BINARY_DIR)")
         out = tempfile.mkdtemp(prefix="omni-scenario-test-")
         try:
-            systems = "omni,round_robin,hash_prefix,sglang_cache_aware"
+            systems = "omni,round_robin,hash_prefix,sglang_cache_aware,omni_kv"
             r = subprocess.run(["/usr/bin/python3", os.path.join(SOURCE, "bench", "scenario.py"),
                                 "--build", BINARY, "--quick", "--traces", "mooncake",
                                 "--systems", systems, "--out", out],
@@ -45,6 +46,21 @@ class ScenarioTest(unittest.TestCase):
             self.assertIn("SGLang cache-aware rule (re-implemented)", report)
             for name in ("ttft_cdf_mooncake.svg", "load_mooncake.svg", "hit_rate_mooncake.svg"):
                 self.assertTrue(os.path.getsize(os.path.join(out, name)) > 1000, name)
+            # The lost-hit analysis of the kv_aware run: its hit rate is the engines' (from
+            # decisions.log), at most what was reusable, and the causes add up to the loss.
+            run_dir = os.path.join(out, "mooncake", "x1", "omni_kv", "r0")
+            r = subprocess.run(["/usr/bin/python3", os.path.join(SOURCE, "bench", "miss_analysis.py"),
+                                run_dir, "--window-s", "20"],
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            line = r.stdout.strip().splitlines()[-1].split()
+            hit, reuse, lost, causes = (float(line[1].rstrip("%")), float(line[2].rstrip("%")),
+                                        float(line[3]), [float(x) for x in line[4:7]])
+            kv_run = next(x for x in runs if x["system"] == "omni_kv")
+            self.assertAlmostEqual(hit, 100 * kv_run["summary"]["prefill_hit_rate"], delta=0.6)
+            self.assertGreater(reuse, 0)
+            self.assertLessEqual(hit, reuse + 0.05)
+            self.assertAlmostEqual(sum(causes), lost, delta=0.05)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
