@@ -24,9 +24,12 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TRACE = os.path.join(HERE, "..", "..", "shared", "data", "traces",
-                             "mooncake_synthetic_trace.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scenario import TRACES, data_dir  # noqa: E402  (the scenarios' trace folder and files)
+
+
+def default_trace():
+    return os.path.join(data_dir(), TRACES["mooncake"][1])
 
 
 def load_trace(path, window_s):
@@ -99,11 +102,12 @@ def analyse(run_dir, trace, block):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--trace", default=DEFAULT_TRACE)
+    ap.add_argument("--trace", default=None,
+                    help="the Mooncake trace the runs replayed (default: the scenarios' own)")
     ap.add_argument("--window-s", type=float, default=240.0)
     ap.add_argument("--trace-block", type=int, default=512, help="tokens per hash id")
     args = ap.parse_args()
-    trace = load_trace(args.trace, args.window_s)
+    trace = load_trace(args.trace or default_trace(), args.window_s)
     print("%-60s %7s %7s %7s %9s %9s %9s" % ("run", "hit%", "reuse%", "lost", "to_holder",
                                              "finished", "in_flight"))
     for run in args.runs:
