@@ -371,13 +371,14 @@ class ReplayOpenLoop(unittest.TestCase):
         self.assertLess(s["goodput"]["fraction"], 1)
 
     def test_no_cap_starts_on_time(self):
-        s, _, _ = run_bench("--synthetic", self.FAST,
+        s, _, _ = run_bench("--synthetic", self.FAST, "--late-threshold", 50,
                             "--time-scale", 0.1, "--target", self.target)
         req = s["requests"]
         self.assertEqual(req["ok"], 20)
         self.assertEqual(req["waited_for_slot"], 0)
-        # Late only when this machine stalls the client (a sanitizer build, other jobs on the
-        # cores); well below the capped run's 15 or more.
+        # Late (50 ms behind, where the capped run is 100 ms and more) only when this machine
+        # stalls the client: a sanitizer build next to other jobs on the 2 cores made 14 of 20
+        # starts more than 5 ms late once.
         self.assertLess(req["late"], 10)
 
 
