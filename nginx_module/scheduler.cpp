@@ -37,6 +37,8 @@ constexpr ngx_msec_t kLeaseTick = 100;  // heartbeat and lease check
 constexpr std::uint64_t kLeaseStaleNs = 500'000'000ULL;
 constexpr ngx_msec_t kReclaimEvery = 1000;
 constexpr ngx_msec_t kBackstopSlack = 5000;  // past the bounds, a request gives up waiting
+constexpr ngx_msec_t kRefreshEvery = 10;     // waiting requests' cache predictions, per worker
+constexpr std::size_t kRefreshBatch = 32;    // at most this many (the oldest) per refresh
 constexpr std::uint32_t kMinCapacity = 64;
 constexpr std::uint32_t kMaxCapacity = omni::sched::kMaxCapacity;
 
@@ -51,6 +53,7 @@ struct SchedRuntime {
   ngx_event_t lease_timer{};
   ngx_event_t pass_timer{};
   ngx_event_t pass_event{};  // posted: run a pass after the current events
+  ngx_event_t refresh_timer{};
   ngx_msec_t last_reclaim = 0;
   bool leader = false;
   ngx_queue_t waiting{};
@@ -339,6 +342,7 @@ void run_pass() noexcept try {
   omni::sched::PassResult res = r.s->pass(now, r.reg->sched.options, r.views);
   for (std::int32_t pid : res.wake) notify_wake(pid);
   if (r.pass_timer.timer_set) ngx_del_timer(&r.pass_timer);
+  if (r.refresh_timer.timer_set) ngx_del_timer(&r.refresh_timer);
   if (res.next_ns != 0) {
     const std::uint64_t after = res.next_ns > now ? res.next_ns - now : 0;
     const auto ms = static_cast<ngx_msec_t>(
@@ -377,6 +381,9 @@ void link_waiting(SchedRequest& sr, ngx_msec_t bound) {
     sr.waiting = true;
     ++r.waiting_count;
   }
+  if (!r.refresh_timer.timer_set && r.refresh_timer.handler != nullptr) {
+    ngx_add_timer(&r.refresh_timer, kRefreshEvery);
+  }
   sr.backstop.handler = on_backstop;
   sr.backstop.data = &sr;
   sr.backstop.log = r.log;
@@ -412,10 +419,12 @@ void scan_waiting() noexcept {
 }
 
 // The caches change while requests wait: a request sent meanwhile is pending on its server
-// (kv.cpp), a prefill that ended is in the events. At most once per millisecond, on a wake-up,
-// this worker's waiting requests get fresh predictions; those that changed go to the scheduler,
-// whose next pass places them by the new values. Cost: per waiting request and server, one
-// lookup per block it holds plus one.
+// (kv.cpp), or cached (approximate mode), a prefill that ended is in the events. Every
+// kRefreshEvery ms while this worker has waiting requests, and on its wake-ups (at most once
+// per millisecond), the oldest kRefreshBatch of them (those placed next) get fresh predictions;
+// those that changed go to the scheduler, whose next pass places them by the new values. An
+// owner is woken only for its own requests, hence the timer. Cost: per refreshed request and
+// server, one index lookup per block it holds plus one.
 void refresh_waiting() noexcept try {
   SchedRuntime& r = srt();
   if (r.s == nullptr || r.waiting.next == nullptr || r.waiting_count == 0) return;
@@ -423,9 +432,11 @@ void refresh_waiting() noexcept try {
   r.last_refresh = ngx_current_msec;
   bool changed = false;
   std::vector<std::uint32_t> fresh[2];
-  for (ngx_queue_t* q = ngx_queue_head(&r.waiting); q != ngx_queue_sentinel(&r.waiting);
-       q = ngx_queue_next(q)) {
+  std::size_t done = 0;
+  for (ngx_queue_t* q = ngx_queue_head(&r.waiting);
+       q != ngx_queue_sentinel(&r.waiting) && done < kRefreshBatch; q = ngx_queue_next(q)) {
     SchedRequest* sr = ngx_queue_data(q, SchedRequest, link);
+    ++done;
     if (sr->kv == nullptr || sr->cached == nullptr || !sr->active) continue;
     for (int which = 0; which < 2; ++which) {
       fresh[which].clear();
@@ -444,6 +455,12 @@ void refresh_waiting() noexcept try {
   if (changed) wake_leader();
 } catch (...) {
   log_exception(srt().log, "scheduler cache refresh");
+}
+
+void refresh_tick(ngx_event_t* ev) noexcept {
+  SchedRuntime& r = srt();
+  refresh_waiting();
+  if (r.waiting_count > 0 && !ngx_exiting && !ngx_terminate) ngx_add_timer(ev, kRefreshEvery);
 }
 
 }  // namespace
@@ -787,7 +804,7 @@ void sched_init_process(ngx_cycle_t* cycle, void* region, std::size_t bytes,
   for (std::size_t b = 0; b < reg->sched.limits.size() && b < r.s->instances(); ++b) {
     r.s->set_limits(static_cast<std::uint32_t>(b), reg->sched.limits[b]);
   }
-  for (ngx_event_t* ev : {&r.pass_event, &r.pass_timer, &r.lease_timer}) {
+  for (ngx_event_t* ev : {&r.pass_event, &r.pass_timer, &r.lease_timer, &r.refresh_timer}) {
     ev->log = cycle->log;
     ev->data = &r;
   }
@@ -796,6 +813,8 @@ void sched_init_process(ngx_cycle_t* cycle, void* region, std::size_t bytes,
   r.pass_timer.cancelable = 1;
   r.lease_timer.handler = lease_tick;
   r.lease_timer.cancelable = 1;
+  r.refresh_timer.handler = refresh_tick;
+  r.refresh_timer.cancelable = 1;
   if (!notify_ready()) {
     ngx_log_error(NGX_LOG_ALERT, cycle->log, 0,
                   "omni_proxy_scheduler: no wake-up socket; scheduled locations route without "
