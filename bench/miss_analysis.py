@@ -16,7 +16,9 @@ what it did reuse (requests.csv, cached_tokens). The difference is a miss, put i
 
 Usage: miss_analysis.py RUN_DIR [RUN_DIR ...] [--trace FILE] [--window-s 240]
 RUN_DIR is one run of bench/scenario.py (it holds requests.csv and decisions.log). Prints one
-line per run: the hit rate, the reusable share, and the lost points of hit rate by class.
+line per run: the hit rate, the reusable share, the lost points (per request, what it could
+reuse less what it did, when positive; a request can reuse more than the trace's 512-token
+blocks show, so hit + lost may exceed the reusable share) and the lost points by class.
 """
 import argparse
 import csv
@@ -63,7 +65,7 @@ def analyse(run_dir, trace, block):
     order = sorted(rows, key=lambda i: float(rows[i]["start_s"]))
     # prefix (position, hash id) -> list of (server, first-token time)
     holders = {}
-    totals = {"prompt": 0, "reusable": 0, "cached": 0, "routed_to_holder": 0,
+    totals = {"prompt": 0, "reusable": 0, "cached": 0, "lost": 0, "routed_to_holder": 0,
               "holder_finished": 0, "holder_in_flight": 0}
     for i in order:
         row = rows[i]
@@ -86,6 +88,7 @@ def analyse(run_dir, trace, block):
         totals["prompt"] += prompt
         totals["reusable"] += reusable
         totals["cached"] += cached
+        totals["lost"] += missed
         if missed > 0:
             if any(s == server for s, _ in best_holders):
                 totals["routed_to_holder"] += missed
@@ -118,7 +121,7 @@ def main():
         p = max(1, t["prompt"])
         pts = lambda k: 100.0 * t[k] / p  # noqa: E731  (points of hit rate)
         print("%-60s %6.1f%% %6.1f%% %6.2f %9.2f %9.2f %9.2f" % (
-            run[-60:], pts("cached"), pts("reusable"), pts("reusable") - pts("cached"),
+            run[-60:], pts("cached"), pts("reusable"), pts("lost"),
             pts("routed_to_holder"), pts("holder_finished"), pts("holder_in_flight")))
 
 

@@ -47,7 +47,7 @@ class ScenarioTest(unittest.TestCase):
             for name in ("ttft_cdf_mooncake.svg", "load_mooncake.svg", "hit_rate_mooncake.svg"):
                 self.assertTrue(os.path.getsize(os.path.join(out, name)) > 1000, name)
             # The lost-hit analysis of the kv_aware run: its hit rate is the engines' (from
-            # decisions.log), at most what was reusable, and the causes add up to the loss.
+            # decisions.log), and the causes add up to the loss.
             run_dir = os.path.join(out, "mooncake", "x1", "omni_kv", "r0")
             r = subprocess.run(["/usr/bin/python3", os.path.join(SOURCE, "bench", "miss_analysis.py"),
                                 run_dir, "--window-s", "20"],
@@ -59,8 +59,8 @@ class ScenarioTest(unittest.TestCase):
             kv_run = next(x for x in runs if x["system"] == "omni_kv")
             self.assertAlmostEqual(hit, 100 * kv_run["summary"]["prefill_hit_rate"], delta=0.6)
             self.assertGreater(reuse, 0)
-            self.assertLessEqual(hit, reuse + 0.05)
-            self.assertAlmostEqual(sum(causes), lost, delta=0.05)
+            self.assertGreaterEqual(lost, 0)
+            self.assertAlmostEqual(sum(causes), lost, delta=0.02)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
