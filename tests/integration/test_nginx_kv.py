@@ -445,7 +445,8 @@ class KvPendingTest(unittest.TestCase):
 
     def overlap(self, listen, seed):
         """Sends a 12000-token prompt, then, while it prefills, one sharing its first 6400
-        tokens (100 blocks of 64); returns (first, second, the first's server's status while it prefilled)."""
+        tokens (100 blocks of 64); checks both answered and the first ran where it showed
+        prefilling; returns (second, that server, its status while the first prefilled)."""
         first_prompt = ids(seed, n=12000)
         out = {}
         t = threading.Thread(target=lambda: out.setdefault(
@@ -463,15 +464,16 @@ class KvPendingTest(unittest.TestCase):
         self.assertTrue(wait_until(prefilling, 5, interval=0.005), "the first never showed")
         second = complete(listen, first_prompt[:6400] + ids(seed + 1, n=2000), timeout=30)
         t.join(30)
-        return out["first"], second, seen
-
-    def test_prompts_still_prefilling_count_as_cached_where_they_prefill(self):
-        listen = self.start_nginx("on")
-        first, second, seen = self.overlap(listen, 501)
+        first = out["first"]
         self.assertEqual(first.status, 200, first.body)
         self.assertEqual(second.status, 200, second.body)
         (home, during), = seen.items()
         self.assertEqual(peer(first), home)
+        return second, home, during
+
+    def test_prompts_still_prefilling_count_as_cached_where_they_prefill(self):
+        listen = self.start_nginx("on")
+        second, home, during = self.overlap(listen, 501)
         # While it prefilled: its blocks pending there (187 of 64 tokens).
         self.assertGreater(during["pending"]["blocks"], 0, during)
         self.assertEqual(during["pending"]["bound"], 4096)  # half of omni_proxy_kv_index_blocks
@@ -523,10 +525,7 @@ class KvPendingTest(unittest.TestCase):
 
     def test_pending_off_sees_only_events(self):
         listen = self.start_nginx("off")
-        first, second, seen = self.overlap(listen, 601)
-        self.assertEqual(first.status, 200, first.body)
-        self.assertEqual(second.status, 200, second.body)
-        (home, during), = seen.items()
+        second, home, during = self.overlap(listen, 601)
         self.assertNotIn("pending", during)
         rt = route(second)
         self.assertEqual(int(rt["cached"]), 0, rt)
