@@ -99,7 +99,37 @@ def analyse(run_dir, trace, block):
         done = start + float(row["ttft_ms"] or 0) / 1000.0
         for pos, h in enumerate(ids):
             holders.setdefault((pos, h), []).append((server, done))
+    totals["served"] = [i for i in order if i < len(trace)]
     return totals
+
+
+def lru_bound(requests, capacity_blocks, block, trace_block):
+    """The hit rate of one shared LRU cache of capacity_blocks blocks of `block` tokens over
+    `requests` (trace records, in the order given), as omni-bench --oracle-capacity-blocks
+    computes it: a request hits its longest run of cached leading blocks, at most
+    (length - 1) // block, then its full blocks become most recently used, its first most of
+    all. A block is keyed by its trace hash id's position and id and its place within it."""
+    from collections import OrderedDict
+    lru = OrderedDict()
+    prompt = hits = 0
+    for rec in requests:
+        n = int(rec["input_length"])
+        keys = []
+        for pos, h in enumerate(rec["hash_ids"]):
+            inside = min(trace_block, n - pos * trace_block) // block
+            keys.extend((pos, h, k) for k in range(max(0, inside)))
+        can_hit = (n - 1) // block if n > 0 else 0
+        got = 0
+        while got < can_hit and got < len(keys) and keys[got] in lru:
+            got += 1
+        for key in reversed(keys):
+            lru[key] = True
+            lru.move_to_end(key, last=False)
+        while len(lru) > capacity_blocks:
+            lru.popitem(last=True)
+        prompt += n
+        hits += got * block
+    return hits / prompt if prompt else 0.0
 
 
 def main():
@@ -109,10 +139,16 @@ def main():
                     help="the Mooncake trace the runs replayed (default: the scenarios' own)")
     ap.add_argument("--window-s", type=float, default=240.0)
     ap.add_argument("--trace-block", type=int, default=512, help="tokens per hash id")
+    ap.add_argument("--oracle-blocks", type=int, default=4 * 32768,
+                    help="the bound's cache, blocks (default: the scenarios' 4 x 32768)")
+    ap.add_argument("--oracle-block", type=int, default=64, help="the bound's block, tokens")
     args = ap.parse_args()
     trace = load_trace(args.trace or default_trace(), args.window_s)
-    print("%-60s %7s %7s %7s %9s %9s %9s" % ("run", "hit%", "reuse%", "lost", "to_holder",
-                                             "finished", "in_flight"))
+    bound_all = lru_bound(trace, args.oracle_blocks, args.oracle_block, args.trace_block)
+    print("bound over the whole window (arrival order): %.1f%%" % (100 * bound_all))
+    print("%-60s %7s %7s %7s %9s %9s %9s %7s %7s" % (
+        "run", "hit%", "reuse%", "lost", "to_holder", "finished", "in_flight", "bound%",
+        "of_it"))
     for run in args.runs:
         for name in ("requests.csv", "decisions.log"):
             if not os.path.exists(os.path.join(run, name)):
@@ -120,9 +156,14 @@ def main():
         t = analyse(run, trace, args.trace_block)
         p = max(1, t["prompt"])
         pts = lambda k: 100.0 * t[k] / p  # noqa: E731  (points of hit rate)
-        print("%-60s %6.1f%% %6.1f%% %6.2f %9.2f %9.2f %9.2f" % (
+        # The same bound over the requests this run served, in the order it sent them (a
+        # refused request takes its prefix's reuse with it).
+        bound = lru_bound([trace[i] for i in t["served"]], args.oracle_blocks, args.oracle_block,
+                          args.trace_block)
+        print("%-60s %6.1f%% %6.1f%% %6.2f %9.2f %9.2f %9.2f %6.1f%% %6.0f%%" % (
             run[-60:], pts("cached"), pts("reusable"), pts("lost"),
-            pts("routed_to_holder"), pts("holder_finished"), pts("holder_in_flight")))
+            pts("routed_to_holder"), pts("holder_finished"), pts("holder_in_flight"),
+            100 * bound, 100 * pts("cached") / max(1e-9, 100 * bound)))
 
 
 if __name__ == "__main__":

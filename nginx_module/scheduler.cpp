@@ -475,9 +475,10 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
   if (sc.enabled) return const_cast<char*>("is duplicate");
   auto* value = static_cast<ngx_str_t*>(cf->args->elts);
   omni::sched::Options& o = sc.options;
-  // route.miss_weight stays 0 unless set: pricing misses here raised Mooncake's hit rate to
-  // 92-99% of the bound, but piled multi-tenant prefixes onto few servers (max/mean 1.83 at x1,
-  // one x2 repeat with an 18 s p99; docs/benchmarks.md, "Requests sent, not yet cached").
+  // Misses priced as kv_aware prices them (miss_weight=2), in the choice and in the decision to
+  // wait for the holder: on Mooncake x1.5-x2 that keeps 94-97% of the hits the served requests
+  // could have, against 73-83% unpriced (docs/benchmarks.md, "The scheduler's price").
+  o.route.miss_weight = 2;
   for (ngx_uint_t i = 1; i < cf->args->nelts; ++i) {
     const std::string arg = arg_string(value[i]);
     const std::size_t eq = arg.find('=');
@@ -523,6 +524,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
       o.route.epsilon = x;
     } else if (name == "miss_weight" && parse_double(text, 0, 10, x)) {
       o.route.miss_weight = x;
+    } else if (name == "miss_wait" && (text == "on" || text == "off")) {
+      o.miss_wait = text == "on";
     } else if (name == "priority_header" && !text.empty() && text.size() <= 64) {
       sc.priority_header = text;
       std::transform(sc.priority_header.begin(), sc.priority_header.end(),
@@ -537,7 +540,8 @@ char* set_scheduler(ngx_conf_t* cf, ngx_command_t* cmd, void* conf) noexcept try
           "decode_max_wait=TIME, wait_weight=X, length_weight=TIME, release=immediate|boundary, "
           "lead=TIME, merge=TIME, step=TIME, per_ktoken=TIME, batch_tokens=N, step_target=TIME, "
           "tpot_slo=TIME, "
-          "itl=TIME, tie=X, epsilon=X, miss_weight=X, priority_header=NAME",
+          "itl=TIME, tie=X, epsilon=X, miss_weight=X, miss_wait=on|off, "
+          "priority_header=NAME",
           &cmd->name, &value[i], kMaxCapacity);
       return static_cast<char*>(NGX_CONF_ERROR);
     }

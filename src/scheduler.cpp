@@ -630,8 +630,10 @@ struct Scheduler::Impl {
       k.kv_usage = kv_usage(views, b);
       k.ring_load = static_cast<double>(in.out_tokens);
       k.tokens_per_s = 1.0 / step_b(in, o) * 1000.0;
-      // Compared as choose_prefill ranks them: misses priced (KvRouteOptions::miss_weight).
-      const double score = k.expected_ms + miss_price_ms(u, k.tokens_per_s, o.route);
+      // Misses are priced (KvRouteOptions::miss_weight) in choose_prefill, among the servers
+      // with room, and, unless Options::miss_wait is off, in the wait rule.
+      const double score =
+          k.expected_ms + (o.miss_wait ? miss_price_ms(u, k.tokens_per_s, o.route) : 0);
       ++n_all;
       best_all = std::min(best_all, score);
       if (force || room(in, st, u, o)) {

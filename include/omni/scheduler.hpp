@@ -171,6 +171,10 @@ struct Options {
                                              // is refused (503)
   // Routing rules shared with kv_aware (tie fraction, epsilon of the cold-prefix ring).
   KvRouteOptions route;
+  // Whether route.miss_weight also prices the decision to wait for a full server that holds
+  // more of the prompt, against releasing now to a server with room (else it prices only the
+  // choice among servers with room). Waiting is where the hits under overload come from.
+  bool miss_wait = true;
   // Parallel mode: allowed decode servers of each prefill server, as (prefill backend index,
   // decode pool) -> mask over the decode pool's servers. A prefill backend without an entry may
   // pair with every decode server.

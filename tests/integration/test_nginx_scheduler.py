@@ -508,6 +508,8 @@ class SchedulerConfigTest(unittest.TestCase):
                    'invalid parameter "release=sometimes"')
         self.check(base.replace("omni_proxy_scheduler;", "omni_proxy_scheduler miss_weight=11;"),
                    '"omni_proxy_scheduler": invalid parameter "miss_weight=11"', "miss_weight=X")
+        self.check(base.replace("omni_proxy_scheduler;", "omni_proxy_scheduler miss_wait=maybe;"),
+                   '"omni_proxy_scheduler": invalid parameter "miss_wait=maybe"', "miss_wait=on|off")
         self.check(base.replace("omni_proxy_zone omni 32m;", ""),
                    '"omni_proxy_scheduler" needs "omni_proxy_zone"')
         self.check(base.replace("omni_proxy_scheduler;",
@@ -526,7 +528,7 @@ class SchedulerConfigTest(unittest.TestCase):
             "omni_proxy_scheduler queue=1024 max_queue=512 max_wait=20s wait_weight=2 "
             "length_weight=50ms release=boundary lead=3ms merge=2ms step=30ms per_ktoken=31ms "
             "batch_tokens=131072 tpot_slo=100ms itl=25ms tie=0.1 epsilon=0.3 miss_weight=2 "
-            "priority_header=X-Priority;"),
+            "miss_wait=off priority_header=X-Priority;"),
             extra="omni_proxy_capacity prefill batch_tokens=65536; "
                   "omni_proxy_capacity decode max_seqs=256; "
                   "omni_proxy_pd_group prefill decode prefill=127.0.0.1:9001,127.0.0.1:9003 "

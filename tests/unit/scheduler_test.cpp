@@ -507,11 +507,24 @@ TEST(SchedulerRelease, CachedPrefixIsPreferredUnlessItsQueueCostsMore) {
   EXPECT_EQ(static_cast<std::uint32_t>(h.reqs[*d].server), busy);
 }
 
-// route.miss_weight prices the uncached prefill in the choice and in the decision to wait. With
-// a queue of D tokens more on one server, a prompt with c tokens cached there goes to the other
-// while c < D unpriced, and waits for the holder once (1 + w) c > D: c = D / 3 does both.
-TEST(SchedulerRelease, MissWeightWaitsForTheHolder) {
-  for (const double weight : {0.0, 10.0}) {
+// route.miss_weight prices the uncached prefill in the choice, and in the decision to wait as
+// Options::miss_wait says. With a queue of D tokens more on one server, a prompt with c tokens
+// cached there goes to the other while c < D unpriced, and waits for the holder once
+// (1 + w) c > D: c = D / 3 does both.
+TEST(SchedulerRelease, MissWeightWaitsForTheHolderAsMissWaitSays) {
+  struct Case {
+    double weight;
+    bool miss_wait;
+    int queued;  // requests like it submitted together
+    bool waits;  // the first placed goes to the busy holder
+  };
+  const Case cases[] = {
+      {0.0, true, 1, false},  {10.0, true, 1, true},   {10.0, false, 1, false},
+      {10.0, true, 2, true}, {10.0, false, 2, false},
+  };
+  for (const Case& c : cases) {
+    const std::string what = "weight " + std::to_string(c.weight) + " miss_wait " +
+                             (c.miss_wait ? "on" : "off") + " queued " + std::to_string(c.queued);
     Fixture f(make_shape(2, 0, 1024));
     Options o = quiet_options();
     Scheduler& s = *f.sched;
@@ -521,16 +534,28 @@ TEST(SchedulerRelease, MissWeightWaitsForTheHolder) {
     const Uneven u = load_unevenly(h);
     const std::uint32_t busy = u.busy;
     const std::uint64_t d = u.difference;
-    ASSERT_GT(d, 6000u) << weight;
+    ASSERT_GT(d, 6000u) << what;
     std::vector<std::uint32_t> cached(2, 0);
     cached[busy] = static_cast<std::uint32_t>(d / 3);
-    h.o.route.miss_weight = weight;
-    auto r = h.submit(20000, cached);
-    ASSERT_TRUE(r) << weight;
-    for (int ms = 0; ms < 20'000 && h.reqs[*r].done == 0; ++ms) h.tick();
-    ASSERT_NE(h.reqs[*r].done, 0u) << weight;
-    EXPECT_EQ(static_cast<std::uint32_t>(h.reqs[*r].server) == busy, weight > 0)
-        << "weight " << weight << " queue difference " << d;
+    h.o.route.miss_weight = c.weight;
+    h.o.miss_wait = c.miss_wait;
+    std::vector<std::size_t> rs;
+    for (int i = 0; i < c.queued; ++i) {
+      auto r = h.submit(20000, cached);
+      ASSERT_TRUE(r) << what;
+      rs.push_back(*r);
+    }
+    // The first of them placed: on the busy holder when the price made it wait, else on the
+    // other server as soon as that has room.
+    std::optional<std::size_t> first;
+    for (int ms = 0; ms < 20'000 && !first; ++ms) {
+      h.tick();
+      for (const std::size_t r : rs) {
+        if (!first && h.reqs[r].server >= 0) first = r;
+      }
+    }
+    ASSERT_TRUE(first) << what;
+    EXPECT_EQ(static_cast<std::uint32_t>(h.reqs[*first].server) == busy, c.waits) << what;
   }
 }
 
