@@ -14,11 +14,20 @@ what it did reuse (requests.csv, cached_tokens). The difference is a miss, put i
   holder_in_flight   every holder was still queued or prefilling the prefix when this request
                      was sent, and the request went elsewhere.
 
+It also computes the hit-rate bound (one shared LRU cache of the cluster's capacity, as
+omni-bench --oracle-capacity-blocks) twice: over the whole trace window in arrival order (the
+scenario report's bound), and over the requests the run served, in the order it sent them. A
+system that refuses requests (the scheduler's 503s under overload) takes their prefixes'
+reuse out of its own hit rate; the second bound compares it with what its served requests
+could have hit.
+
 Usage: miss_analysis.py RUN_DIR [RUN_DIR ...] [--trace FILE] [--window-s 240]
-RUN_DIR is one run of bench/scenario.py (it holds requests.csv and decisions.log). Prints one
-line per run: the hit rate, the reusable share, the lost points (per request, what it could
-reuse less what it did, when positive; a request can reuse more than the trace's 512-token
-blocks show, so hit + lost may exceed the reusable share) and the lost points by class.
+                        [--oracle-blocks N] [--oracle-block TOKENS]
+RUN_DIR is one run of bench/scenario.py (it holds requests.csv and decisions.log). Prints the
+whole window's bound, then one line per run: the hit rate, the reusable share, the lost points
+(per request, what it could reuse less what it did, when positive; a request can reuse more
+than the trace's 512-token blocks show, so hit + lost may exceed the reusable share), the lost
+points by class, the bound over the served requests, and the hit rate as a share of it.
 """
 import argparse
 import csv
