@@ -342,7 +342,6 @@ void run_pass() noexcept try {
   omni::sched::PassResult res = r.s->pass(now, r.reg->sched.options, r.views);
   for (std::int32_t pid : res.wake) notify_wake(pid);
   if (r.pass_timer.timer_set) ngx_del_timer(&r.pass_timer);
-  if (r.refresh_timer.timer_set) ngx_del_timer(&r.refresh_timer);
   if (res.next_ns != 0) {
     const std::uint64_t after = res.next_ns > now ? res.next_ns - now : 0;
     const auto ms = static_cast<ngx_msec_t>(
