@@ -108,8 +108,8 @@ def analyse(run_dir, trace, block):
         done = start + float(row["ttft_ms"] or 0) / 1000.0
         for pos, h in enumerate(ids):
             holders.setdefault((pos, h), []).append((server, done))
-    totals["served"] = [i for i in order if i < len(trace)]
-    return totals
+    # The served requests' trace records, in the order they were sent.
+    return totals, [trace[i] for i in order if i < len(trace)]
 
 
 def lru_bound(requests, capacity_blocks, block, trace_block):
@@ -162,17 +162,16 @@ def main():
         for name in ("requests.csv", "decisions.log"):
             if not os.path.exists(os.path.join(run, name)):
                 sys.exit("miss_analysis: no %s in %s" % (name, run))
-        t = analyse(run, trace, args.trace_block)
+        t, served = analyse(run, trace, args.trace_block)
         p = max(1, t["prompt"])
         pts = lambda k: 100.0 * t[k] / p  # noqa: E731  (points of hit rate)
         # The same bound over the requests this run served, in the order it sent them (a
         # refused request takes its prefix's reuse with it).
-        bound = lru_bound([trace[i] for i in t["served"]], args.oracle_blocks, args.oracle_block,
-                          args.trace_block)
+        bound = lru_bound(served, args.oracle_blocks, args.oracle_block, args.trace_block)
         print("%-60s %6.1f%% %6.1f%% %6.2f %9.2f %9.2f %9.2f %6.1f%% %6.0f%%" % (
             run[-60:], pts("cached"), pts("reusable"), pts("lost"),
             pts("routed_to_holder"), pts("holder_finished"), pts("holder_in_flight"),
-            100 * bound, 100 * pts("cached") / max(1e-9, 100 * bound)))
+            100 * bound, pts("cached") / max(1e-9, bound)))
 
 
 if __name__ == "__main__":
