@@ -233,17 +233,20 @@ class ReplayAgainstSim(unittest.TestCase):
 class ReplayErrors(unittest.TestCase):
 
     def test_engine_errors_and_timeouts_are_recorded(self):
+        # The sim's fault draws share its generator with token sampling, so which requests
+        # fail depends on timing. 80 requests: no hang at all (0.9^80) is 2 in 10,000, where 40
+        # gave one CI run under ASan no timeout. Expected: 20 errors (sd 3.9), 8 hangs (sd 2.7).
         with simlib.Sim("--time-scale", "0.01", "--fault-error-rate", "0.25",
                         "--fault-hang-rate", "0.1", "--seed", "3", duration=60) as sim:
-            s, rows, _ = run_bench("--synthetic", "requests=40,rate=200,input=64,output=4",
+            s, rows, _ = run_bench("--synthetic", "requests=80,rate=200,input=64,output=4",
                                    "--time-scale", 0.01, "--timeout", 1,
                                    "--target", "http://127.0.0.1:%d" % sim.port())
         req = s["requests"]
         kinds = req["errors_by_kind"]
         self.assertEqual(set(kinds), {"http_500", "timeout"})
-        self.assertTrue(3 <= kinds["http_500"] <= 20, kinds)
-        self.assertTrue(1 <= kinds["timeout"] <= 10, kinds)
-        self.assertEqual(req["ok"] + req["errors"], 40)
+        self.assertTrue(6 <= kinds["http_500"] <= 40, kinds)
+        self.assertTrue(1 <= kinds["timeout"] <= 20, kinds)
+        self.assertEqual(req["ok"] + req["errors"], 80)
         self.assertEqual(req["errors"], sum(kinds.values()))
         samples = s["error_samples"]
         self.assertTrue(1 <= len(samples) <= 5)
